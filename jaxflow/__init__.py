@@ -1,0 +1,44 @@
+"""jaxflow: how stable are diffusion and flow-matching generative models?
+
+Closed-form laws on Gaussian paths give exact fields; diffrax integrates the
+PF-ODE and reverse SDE; forward-mode autodiff gives Jacobians, singular values
+and the instability measures of paper 000.
+"""
+
+import importlib.metadata
+
+from ._fields import AbstractField as AbstractField
+from ._fields import AnalyticField as AnalyticField
+from ._instability import SegmentBound as SegmentBound
+from ._instability import geometric_mean_singular_value as geometric_mean_singular_value
+from ._instability import instability_coefficient as instability_coefficient
+from ._instability import instability_lower_bound as instability_lower_bound
+from ._instability import intrinsic_instability as intrinsic_instability
+from ._instability import jacobian as jacobian
+from ._instability import log_abs_det_jacobian as log_abs_det_jacobian
+from ._instability import singular_values as singular_values
+from ._laws import AbstractLaw as AbstractLaw
+from ._laws import Empirical as Empirical
+from ._laws import Gaussian as Gaussian
+from ._laws import GaussianMixture as GaussianMixture
+from ._laws import GaussianNeighbours as GaussianNeighbours
+from ._logdet import InstabilityProbability as InstabilityProbability
+from ._logdet import amplified_error_bound as amplified_error_bound
+from ._logdet import generate_with_jacobian as generate_with_jacobian
+from ._logdet import instability_probability as instability_probability
+from ._logdet import log_det_generation as log_det_generation
+from ._paths import AbstractPath as AbstractPath
+from ._paths import Cosine as Cosine
+from ._paths import OrnsteinUhlenbeck as OrnsteinUhlenbeck
+from ._paths import RectifiedFlow as RectifiedFlow
+from ._solve import default_tolerances as default_tolerances
+from ._solve import generate as generate
+from ._solve import invert as invert
+from ._solve import reconstruct as reconstruct
+from ._solve import reconstruction_error as reconstruction_error
+from ._solve import sample_sde as sample_sde
+
+try:
+    __version__ = importlib.metadata.version("jaxflow")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,134 @@
+"""Fields: a law (or a network) on a Gaussian path -> denoiser, noise, score, velocity.
+
+Every field reduces to one primitive, `denoise_and_score(x, t)`; the rest follow
+from the DESIGN §2 identities, written so that they stay finite at both ends of
+the path wherever the mathematics is:
+
+- noise `Zhat = -sigma s`
+- PF-ODE velocity `v = alpha' D + sigma' Zhat = alpha' D - (sigma sigma') s`
+- reverse-SDE drift `v - (g^2 / 2) s`.
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from ._laws import AbstractLaw
+from ._paths import AbstractPath
+
+
+def _check_time(path: AbstractPath, x, t):
+    bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
+    x = eqx.error_if(
+        x, bad, "time t is outside the path's range [t_data, t_noise]; clip t to it."
+    )
+    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
+
+
+class AbstractField(eqx.Module):
+    """A time-dependent field on a Gaussian path.
+
+    Subclasses implement `denoise_and_score`; every other quantity is derived.
+    Public methods check `t` and `x` (`eqx.error_if`); the solvers call the
+    unchecked `velocity_unchecked` in their inner loop.
+    """
+
+    path: eqx.AbstractVar[AbstractPath]
+
+    @abc.abstractmethod
+    def denoise_and_score(
+        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+    ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+        """`(D(x, t), s(x, t))`: the posterior mean of the data and the score."""
+
+    def velocity_unchecked(self, x, t):
+        d, s = self.denoise_and_score(x, t)
+        return self.path.d_alpha(t) * d - self.path.sigma_d_sigma(t) * s
+
+    def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """Denoiser `D(x, t) = E[X | X_t = x]`."""
+        return self.denoise_and_score(_check_time(self.path, x, t), t)[0]
+
+    def score(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """Score `s(x, t) = grad log p_t(x)`."""
+        return self.denoise_and_score(_check_time(self.path, x, t), t)[1]
+
+    def noise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """Noise prediction `Zhat(x, t) = E[Z | X_t = x] = -sigma(t) s(x, t)`."""
+        return -self.path.sigma(t) * self.score(x, t)
+
+    def velocity(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
+        return self.velocity_unchecked(_check_time(self.path, x, t), t)
+
+    def reverse_drift(
+        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+    ) -> Float[Array, " n"]:
+        """Reverse-SDE drift `v - (g^2 / 2) s = f x - g^2 s` (DESIGN §2), in forward time.
+
+        Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
+        """
+        x = _check_time(self.path, x, t)
+        d, s = self.denoise_and_score(x, t)
+        v = self.path.d_alpha(t) * d - self.path.sigma_d_sigma(t) * s
+        return v - 0.5 * self.path.diffusion_squared(t) * s
+
+    def divergence(
+        self,
+        x: Float[Array, " n"],
+        t: Float[ArrayLike, ""],
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, ""]:
+        """`div_x v(x, t)`: exact trace of `jacfwd`, or Hutchinson's estimate
+        `eps^T (dv/dx) eps` (one JVP, Rademacher `eps`) when a `key` is given."""
+        x = _check_time(self.path, x, t)
+        return _divergence(self, x, t, key)
+
+
+def _divergence(field, x, t, key=None):
+    def v(y):
+        return field.velocity_unchecked(y, t)
+
+    if key is None:
+        return jnp.trace(jax.jacfwd(v)(x))
+    eps = jax.random.rademacher(key, x.shape, dtype=x.dtype)
+    return jnp.vdot(eps, jax.jvp(v, (x,), (eps,))[1])
+
+
+class AnalyticField(AbstractField):
+    """The exact field of a closed-form law on a Gaussian path.
+
+    **Arguments:**
+
+    - `law`: an `AbstractLaw` (`Gaussian`, `GaussianMixture`, `Empirical`,
+      `GaussianNeighbours`).
+    - `path`: an `AbstractPath` (`RectifiedFlow`, `OrnsteinUhlenbeck`, `Cosine`).
+    """
+
+    law: AbstractLaw
+    path: AbstractPath
+
+    def __init__(self, law: AbstractLaw, path: AbstractPath):
+        if not isinstance(law, AbstractLaw):
+            raise ValueError(f"AnalyticField needs an AbstractLaw, got {type(law).__name__}.")
+        if not isinstance(path, AbstractPath):
+            raise ValueError(
+                f"AnalyticField needs an AbstractPath (e.g. jf.RectifiedFlow()), got {type(path).__name__}."
+            )
+        self.law = law
+        self.path = path
+
+    @property
+    def dim(self) -> int:
+        return self.law.dim
+
+    def denoise_and_score(self, x, t):
+        return self.law.posterior(x, self.path.alpha(t), self.path.sigma(t))
+
+    def log_prob(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+        """The marginal `log p_t(x)` of `X_t` (closed form)."""
+        x = _check_time(self.path, x, t)
+        return self.law.marginal_log_prob(x, self.path.alpha(t), self.path.sigma(t))

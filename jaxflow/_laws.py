@@ -1,0 +1,439 @@
+"""Closed-form data laws and their posterior means under a Gaussian path (DESIGN §3).
+
+Every law answers, for `X_t = alpha X + sigma Z`:
+
+- `posterior(x, alpha, sigma) -> (D, s)`: the denoiser `D = E[X | X_t = x]` and the
+  score `s = grad log p_t(x)`; the noise prediction is `Zhat = -sigma s`.
+- `marginal_log_prob(x, alpha, sigma)`: `log p_t(x)`.
+
+All densities stay in log space: they underflow for `n` in the hundreds.
+"""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from ._checks import as_float_array, check_positive, check_spd, check_weights, is_concrete
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class AbstractLaw(eqx.Module):
+    """A data law on `R^n` with closed-form posterior means under Gaussian paths."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """The dimension `n`."""
+
+    @abc.abstractmethod
+    def log_prob(self, x: Float[Array, " n"]) -> Float[Array, ""]:
+        """`log p(x)` of the data law (the marginal at `t = 0`)."""
+
+    @abc.abstractmethod
+    def sample(self, key: PRNGKeyArray, shape: tuple[int, ...] = ()) -> Float[Array, "..."]:
+        """Draw samples of shape `shape + (n,)`."""
+
+    @abc.abstractmethod
+    def posterior(
+        self, x: Float[Array, " n"], alpha: Float[ArrayLike, ""], sigma: Float[ArrayLike, ""]
+    ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+        """`(E[X | alpha X + sigma Z = x], grad_x log p_t(x))`."""
+
+    @abc.abstractmethod
+    def marginal_log_prob(
+        self, x: Float[Array, " n"], alpha: Float[ArrayLike, ""], sigma: Float[ArrayLike, ""]
+    ) -> Float[Array, ""]:
+        """`log p_t(x)` of `alpha X + sigma Z`."""
+
+
+def _covariance_spectrum(covariances, k, n, name):
+    """Eigen-decompose covariances once: `S_k = V_k diag(lam_k) V_k^T`.
+
+    Accepts isotropic `(K,)`, diagonal `(K, n)` or full `(K, n, n)`. Returns
+    `(V or None, lam)`; `V is None` means the standard basis.
+    """
+    if covariances.ndim == 1:
+        if covariances.shape != (k,):
+            raise ValueError(f"{name}: isotropic variances need shape ({k},), got {covariances.shape}.")
+        check_positive(f"{name} (isotropic variances)", covariances)
+        return None, jnp.broadcast_to(covariances[:, None], (k, n))
+    if covariances.ndim == 2:
+        if covariances.shape != (k, n):
+            raise ValueError(f"{name}: diagonal variances need shape ({k}, {n}), got {covariances.shape}.")
+        check_positive(f"{name} (diagonal variances)", covariances)
+        return None, covariances
+    if covariances.shape != (k, n, n):
+        raise ValueError(f"{name}: full covariances need shape ({k}, {n}, {n}), got {covariances.shape}.")
+    if is_concrete(covariances):
+        check_spd(name, covariances)
+    sym = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
+    lam, vec = jnp.linalg.eigh(sym)
+    return vec, lam
+
+
+def _mixture_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma):
+    """Per-component log densities and whitened residuals `C_k^{-1}(x - alpha mu_k)`.
+
+    Works in each component's eigenbasis, so no factorisation happens per call
+    (DESIGN §3): `C_k = V (alpha^2 lam + sigma^2) V^T`.
+    """
+    resid = x[None, :] - alpha * means  # (K, n)
+    y = resid if eigvecs is None else jnp.einsum("kji,kj->ki", eigvecs, resid)
+    c = alpha**2 * eigvals + sigma**2
+    yc = y / c
+    n = x.shape[-1]
+    log_n = -0.5 * (n * _LOG_2PI + jnp.sum(jnp.log(c), -1) + jnp.sum(y * yc, -1))
+    return log_weights + log_n, yc
+
+
+def _to_standard_basis(eigvecs, v):
+    return v if eigvecs is None else jnp.einsum("kij,kj->ki", eigvecs, v)
+
+
+class GaussianMixture(AbstractLaw):
+    """Mixture of Gaussians `sum_k a_k N(mu_k, S_k)` (DESIGN §3).
+
+    **Arguments:**
+
+    - `weights`: `(K,)`, positive, summing to one.
+    - `means`: `(K, n)`.
+    - `covariances`: full `(K, n, n)` symmetric positive definite, diagonal `(K, n)`
+      or isotropic `(K,)` variances.
+    """
+
+    weights: Float[Array, " K"]
+    means: Float[Array, "K n"]
+    eigvecs: Float[Array, "K n n"] | None
+    eigvals: Float[Array, "K n"]
+
+    def __init__(self, weights, means, covariances):
+        means = as_float_array("GaussianMixture means", means, ndim=2)
+        k, n = means.shape
+        weights = as_float_array("GaussianMixture weights", weights, ndim=1)
+        if weights.shape != (k,):
+            raise ValueError(
+                f"GaussianMixture: weights have shape {weights.shape} but means have "
+                f"{k} rows; pass one weight per component."
+            )
+        check_weights("GaussianMixture weights", weights)
+        covariances = as_float_array("GaussianMixture covariances", covariances, ndim=(1, 2, 3))
+        self.weights = weights
+        self.means = means
+        self.eigvecs, self.eigvals = _covariance_spectrum(
+            covariances, k, n, "GaussianMixture covariances"
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    @property
+    def covariances(self) -> Float[Array, "K n n"]:
+        """The full covariance matrices, rebuilt from the stored spectrum."""
+        if self.eigvecs is None:
+            return jax.vmap(jnp.diag)(self.eigvals)
+        return jnp.einsum("kij,kj,klj->kil", self.eigvecs, self.eigvals, self.eigvecs)
+
+    def posterior(self, x, alpha, sigma):
+        logits, yc = _mixture_terms(
+            jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
+        )
+        r = jax.nn.softmax(logits)
+        score = -_to_standard_basis(self.eigvecs, yc)  # (K, n)
+        # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k)
+        d = self.means + alpha * _to_standard_basis(self.eigvecs, self.eigvals * yc)
+        return r @ d, r @ score
+
+    def marginal_log_prob(self, x, alpha, sigma):
+        logits, _ = _mixture_terms(
+            jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
+        )
+        return jax.nn.logsumexp(logits)
+
+    def log_prob(self, x):
+        return self.marginal_log_prob(x, 1.0, 0.0)
+
+    def sample(self, key, shape=()):
+        kc, kz = jax.random.split(key)
+        comp = jax.random.categorical(kc, jnp.log(self.weights), shape=shape)
+        z = jax.random.normal(kz, shape + (self.dim,), dtype=self.means.dtype)
+        scaled = jnp.sqrt(self.eigvals[comp]) * z
+        if self.eigvecs is not None:
+            scaled = jnp.einsum("...ij,...j->...i", self.eigvecs[comp], scaled)
+        return self.means[comp] + scaled
+
+
+class Gaussian(AbstractLaw):
+    """A Gaussian law `N(mean, covariance)`.
+
+    Under the rectified-flow path its generation map is exactly
+    `G(z) = mean + covariance^(1/2) z` (DESIGN §3), the cleanest end-to-end check.
+
+    **Arguments:**
+
+    - `mean`: `(n,)`.
+    - `covariance`: full `(n, n)` SPD, diagonal `(n,)`, or a positive scalar.
+    """
+
+    mixture: GaussianMixture
+
+    def __init__(self, mean, covariance):
+        mean = as_float_array("Gaussian mean", mean, ndim=1)
+        covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2))
+        n = mean.shape[0]
+        if covariance.ndim == 1 and covariance.shape != (n,):
+            raise ValueError(f"Gaussian: diagonal covariance needs shape ({n},), got {covariance.shape}.")
+        if covariance.ndim == 2 and covariance.shape != (n, n):
+            raise ValueError(f"Gaussian: covariance needs shape ({n}, {n}), got {covariance.shape}.")
+        self.mixture = GaussianMixture(jnp.ones(1, mean.dtype), mean[None], covariance[None])
+
+    @property
+    def dim(self) -> int:
+        return self.mixture.dim
+
+    @property
+    def mean(self) -> Float[Array, " n"]:
+        return self.mixture.means[0]
+
+    @property
+    def covariance(self) -> Float[Array, "n n"]:
+        return self.mixture.covariances[0]
+
+    def sqrt_covariance(self) -> Float[Array, "n n"]:
+        """The symmetric square root `S^(1/2)`: the Jacobian of the RF generation map."""
+        lam = self.mixture.eigvals[0]
+        if self.mixture.eigvecs is None:
+            return jnp.diag(jnp.sqrt(lam))
+        v = self.mixture.eigvecs[0]
+        return (v * jnp.sqrt(lam)) @ v.T
+
+    def posterior(self, x, alpha, sigma):
+        return self.mixture.posterior(x, alpha, sigma)
+
+    def marginal_log_prob(self, x, alpha, sigma):
+        return self.mixture.marginal_log_prob(x, alpha, sigma)
+
+    def log_prob(self, x):
+        return self.mixture.log_prob(x)
+
+    def sample(self, key, shape=()):
+        return self.mixture.sample(key, shape)
+
+
+class Empirical(AbstractLaw):
+    """Empirical (Dirac mixture) law `sum_i w_i delta_{x_i}` (paper 002 eq. 4.36-4.39).
+
+    The posterior is a softmax over the points:
+    `r = softmax(log w_i - |x - alpha x_i|^2 / (2 sigma^2))`, `D = sum_i r_i x_i`.
+    A measure on a curve is an `Empirical` law on quadrature nodes (DESIGN §3).
+
+    **Arguments:**
+
+    - `points`: `(N, n)`.
+    - `weights`: `(N,)` positive, summing to one; uniform when `None`.
+    """
+
+    points: Float[Array, "N n"]
+    weights: Float[Array, " N"]
+
+    def __init__(self, points, weights=None):
+        points = as_float_array("Empirical points", points, ndim=2)
+        if weights is None:
+            weights = jnp.full(points.shape[0], 1.0 / points.shape[0], points.dtype)
+        weights = as_float_array("Empirical weights", weights, ndim=1)
+        if weights.shape != points.shape[:1]:
+            raise ValueError(
+                f"Empirical: weights have shape {weights.shape} but there are "
+                f"{points.shape[0]} points; pass one weight per point."
+            )
+        check_weights("Empirical weights", weights)
+        self.points = points
+        self.weights = weights
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[-1]
+
+    def _logits(self, x, alpha, sigma):
+        d2 = jnp.sum((x[None, :] - alpha * self.points) ** 2, -1)
+        return jnp.log(self.weights) - 0.5 * d2 / sigma**2
+
+    def posterior(self, x, alpha, sigma):
+        r = jax.nn.softmax(self._logits(x, alpha, sigma))
+        d = r @ self.points
+        return d, (alpha * d - x) / sigma**2
+
+    def marginal_log_prob(self, x, alpha, sigma):
+        n = self.dim
+        return jax.nn.logsumexp(self._logits(x, alpha, sigma)) - 0.5 * n * (
+            _LOG_2PI + 2 * jnp.log(sigma)
+        )
+
+    def log_prob(self, x):
+        raise ValueError(
+            "Empirical is a Dirac mixture and has no density; use "
+            "marginal_log_prob(x, alpha, sigma) with sigma > 0."
+        )
+
+    def sample(self, key, shape=()):
+        idx = jax.random.categorical(key, jnp.log(self.weights), shape=shape)
+        return self.points[idx]
+
+
+def _log1mexp(x):
+    """`log(1 - exp(x))` for `x < 0`, accurate on both sides of `-log 2`."""
+    return jnp.where(x > -math.log(2), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _box_posterior(x, lower, upper, alpha, tau, small):
+    """One box component of a Gaussian-neighbours law, coordinate-wise.
+
+    With `U ~ Uniform[l, u]` and `X_t = alpha U + tau xi`, returns
+    `log p(x_d)` per coordinate and `kappa = E[xi | X_t = x]`, the mean of a standard
+    normal truncated to `[(x - alpha u)/tau, (x - alpha l)/tau]`; then
+    `alpha E[U | x] = x - tau kappa`.
+    """
+    lo = (x - alpha * upper) / tau
+    hi = (x - alpha * lower) / tau
+    width = hi - lo  # = alpha (u - l) / tau >= 0
+    mid = 0.5 * (lo + hi)
+    is_small = width < small
+    # Narrow interval (including alpha -> 0): expand around the midpoint; the
+    # difference of CDFs below would cancel to nothing there.
+    log_pdf_mid = -0.5 * (mid**2 + _LOG_2PI)
+    log_small = log_pdf_mid + width**2 * (mid**2 - 1) / 24.0 - jnp.log(tau)
+    kappa_small = mid - width**2 * mid / 12.0
+    # Wide interval: reflect into the left tail so log_ndtr keeps its digits.
+    hi_s = jnp.where(is_small, mid + 1.0, hi)
+    lo_s = jnp.where(is_small, mid - 1.0, lo)
+    flip = lo_s > 0
+    a = jnp.where(flip, -hi_s, lo_s)
+    b = jnp.where(flip, -lo_s, hi_s)
+    log_phi_b = jax.scipy.special.log_ndtr(b)
+    log_z = log_phi_b + _log1mexp(jax.scipy.special.log_ndtr(a) - log_phi_b)
+    log_big = log_z - jnp.log(alpha * (upper - lower) + jnp.where(is_small, 1.0, 0.0))
+    pdf_lo = jnp.exp(-0.5 * (lo_s**2 + _LOG_2PI) - log_z)
+    pdf_hi = jnp.exp(-0.5 * (hi_s**2 + _LOG_2PI) - log_z)
+    kappa_big = pdf_lo - pdf_hi
+    return (
+        jnp.where(is_small, log_small, log_big),
+        jnp.where(is_small, kappa_small, kappa_big),
+    )
+
+
+class GaussianNeighbours(AbstractLaw):
+    """Mixture of Gaussian neighbours `p = sum_i a_i f_i * g_{w_i}` (paper 000 Assumption 4.3).
+
+    Each `f_i` is uniform on the axis-aligned box `prod_d [lower_id, upper_id]` and
+    `g_w = N(0, w^2 I)`. Under a Gaussian path the component is `alpha U + tau xi`,
+    `tau^2 = alpha^2 w_i^2 + sigma^2`: every coordinate is a uniform convolved with a
+    Gaussian, so densities and posterior means are closed-form (DESIGN §3).
+
+    **Arguments:**
+
+    - `weights`: `(m,)` positive, summing to one.
+    - `lower`, `upper`: `(m, n)` box corners with `lower < upper`.
+    - `widths`: `(m,)` Gaussian widths `w_i > 0`.
+    """
+
+    weights: Float[Array, " m"]
+    lower: Float[Array, "m n"]
+    upper: Float[Array, "m n"]
+    widths: Float[Array, " m"]
+
+    def __init__(self, weights, lower, upper, widths):
+        lower = as_float_array("GaussianNeighbours lower", lower, ndim=2)
+        upper = as_float_array("GaussianNeighbours upper", upper, ndim=2)
+        weights = as_float_array("GaussianNeighbours weights", weights, ndim=1)
+        widths = as_float_array("GaussianNeighbours widths", widths, ndim=1)
+        m = lower.shape[0]
+        if upper.shape != lower.shape:
+            raise ValueError(
+                f"GaussianNeighbours: lower {lower.shape} and upper {upper.shape} must have the same shape (m, n)."
+            )
+        if weights.shape != (m,) or widths.shape != (m,):
+            raise ValueError(
+                f"GaussianNeighbours: weights {weights.shape} and widths {widths.shape} "
+                f"need shape ({m},), one per box."
+            )
+        check_weights("GaussianNeighbours weights", weights)
+        check_positive("GaussianNeighbours widths", widths)
+        if is_concrete(lower, upper) and np.any(np.asarray(lower) >= np.asarray(upper)):
+            raise ValueError(
+                "GaussianNeighbours: every box needs lower < upper in each coordinate; "
+                "swap or widen the offending sides."
+            )
+        self.weights, self.lower, self.upper, self.widths = weights, lower, upper, widths
+
+    @property
+    def dim(self) -> int:
+        return self.lower.shape[-1]
+
+    def _terms(self, x, alpha, sigma):
+        tau = jnp.sqrt(alpha**2 * self.widths**2 + sigma**2)  # (m,)
+        small = 1e-3 if x.dtype == jnp.float64 else 3e-2
+        log_d, kappa = jax.vmap(_box_posterior, in_axes=(None, 0, 0, None, 0, None))(
+            x, self.lower, self.upper, alpha, tau, small
+        )
+        return jnp.log(self.weights) + jnp.sum(log_d, -1), kappa, tau
+
+    def posterior(self, x, alpha, sigma):
+        logits, kappa, tau = self._terms(x, alpha, sigma)
+        r = jax.nn.softmax(logits)
+        score = -kappa / tau[:, None]
+        # E[U | x, i] = (x - tau kappa) / alpha; written without dividing by a small alpha.
+        lo = (x - alpha * self.upper) / tau[:, None]
+        hi = (x - alpha * self.lower) / tau[:, None]
+        mid = 0.5 * (lo + hi)
+        centre = 0.5 * (self.lower + self.upper)
+        # kappa - mid is O(width^2), so E[U] = centre - tau (kappa - mid) / alpha.
+        safe_alpha = jnp.where(alpha > 0, alpha, 1.0)
+        mean_u = jnp.where(
+            alpha > 0,
+            centre - tau[:, None] * (kappa - mid) / safe_alpha,
+            centre,
+        )
+        d = mean_u + (alpha * self.widths**2 / tau)[:, None] * kappa
+        return r @ d, r @ score
+
+    def marginal_log_prob(self, x, alpha, sigma):
+        logits, _, _ = self._terms(x, alpha, sigma)
+        return jax.nn.logsumexp(logits)
+
+    def log_prob(self, x):
+        return self.marginal_log_prob(x, 1.0, 0.0)
+
+    def sample(self, key, shape=()):
+        kc, ku, kz = jax.random.split(key, 3)
+        comp = jax.random.categorical(kc, jnp.log(self.weights), shape=shape)
+        u = jax.random.uniform(ku, shape + (self.dim,), dtype=self.lower.dtype)
+        box = self.lower[comp] + u * (self.upper[comp] - self.lower[comp])
+        z = jax.random.normal(kz, shape + (self.dim,), dtype=self.lower.dtype)
+        return box + self.widths[comp][..., None] * z
+
+    def min_box_distance(self) -> Float[Array, ""]:
+        """`d_min`: the smallest Euclidean distance between two boxes (Assumption 4.4)."""
+        gap = jnp.maximum(
+            0.0,
+            jnp.maximum(
+                self.lower[:, None, :] - self.upper[None, :, :],
+                self.lower[None, :, :] - self.upper[:, None, :],
+            ),
+        )
+        dist = jnp.sqrt(jnp.sum(gap**2, -1))
+        m = self.weights.shape[0]
+        return jnp.min(jnp.where(jnp.eye(m, dtype=bool), jnp.inf, dist))
+
+    def theorem_4_3_m0(self) -> Float[Array, ""]:
+        """`M_0 = min_i exp(dbar^2 / (8 w_i) - ln(1/w_i) + 2 + 3 sqrt(2/n))` of
+        paper 000 Theorem 4.3 (as printed), `dbar = d_min / sqrt(n)`."""
+        n = self.dim
+        dbar = self.min_box_distance() / math.sqrt(n)
+        w = self.widths
+        return jnp.min(jnp.exp(dbar**2 / (8 * w) + jnp.log(w) + 2 + 3 * math.sqrt(2 / n)))
