@@ -46,7 +46,10 @@ class AbstractField(eqx.Module):
 
     def velocity_unchecked(self, x, t):
         d, s = self.denoise_and_score(x, t)
-        return self.path.d_alpha(t) * d - self.path.sigma_d_sigma(t) * s
+        # Path coefficients follow the time's dtype; keep the state's (float32 stays float32).
+        da = self.path.d_alpha(t).astype(x.dtype)
+        ssd = self.path.sigma_d_sigma(t).astype(x.dtype)
+        return da * d - ssd * s
 
     def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         """Denoiser `D(x, t) = E[X | X_t = x]`."""
@@ -72,9 +75,9 @@ class AbstractField(eqx.Module):
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
         """
         x = _check_time(self.path, x, t)
-        d, s = self.denoise_and_score(x, t)
-        v = self.path.d_alpha(t) * d - self.path.sigma_d_sigma(t) * s
-        return v - 0.5 * self.path.diffusion_squared(t) * s
+        s = self.denoise_and_score(x, t)[1]
+        g2 = self.path.diffusion_squared(t).astype(x.dtype)
+        return self.velocity_unchecked(x, t) - 0.5 * g2 * s
 
     def divergence(
         self,
@@ -126,7 +129,9 @@ class AnalyticField(AbstractField):
         return self.law.dim
 
     def denoise_and_score(self, x, t):
-        return self.law.posterior(x, self.path.alpha(t), self.path.sigma(t))
+        alpha = self.path.alpha(t).astype(x.dtype)
+        sigma = self.path.sigma(t).astype(x.dtype)
+        return self.law.posterior(x, alpha, sigma)
 
     def log_prob(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, ""]:
         """The marginal `log p_t(x)` of `X_t` (closed form)."""

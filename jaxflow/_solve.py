@@ -111,6 +111,11 @@ def solve_ode(
     )
     if fixed is not None:
         max_steps = fixed
+    # diffrax promotes the state to the time's dtype: keep float32 states float32
+    # when x64 is on by giving times in the state's dtype.
+    t_start = jnp.asarray(t_start, dtype)
+    t_end = jnp.asarray(t_end, dtype)
+    dt0 = None if dt0 is None else jnp.asarray(dt0, dtype)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
         solver,
@@ -294,12 +299,12 @@ def sample_sde(
 
     def drift(tau, y, args):
         t = t1 - tau
-        d, s = field.denoise_and_score(y, t)
-        v = path.d_alpha(t) * d - path.sigma_d_sigma(t) * s
-        return -(v - 0.5 * path.diffusion_squared(t) * s)
+        s = field.denoise_and_score(y, t)[1]
+        g2 = path.diffusion_squared(t).astype(y.dtype)
+        return -(field.velocity_unchecked(y, t) - 0.5 * g2 * s)
 
     def diffusion(tau, y, args):
-        g = jnp.sqrt(path.diffusion_squared(t1 - tau))
+        g = jnp.sqrt(path.diffusion_squared(t1 - tau)).astype(y.dtype)
         return lx.DiagonalLinearOperator(g * jnp.ones_like(y))
 
     dt = span / steps
