@@ -161,10 +161,10 @@ def instability_probability(
     log_gen = jax.vmap(lambda xi: law.marginal_log_prob(xi, a0, s0))(x)
     log_ebar = (log_noise - log_gen) / n
     radius2 = 2 * n + 3 * jnp.sqrt(2.0 * n)
-    p_m = jnp.mean(log_ebar[None, :] > jnp.log(M)[:, None], axis=1)
+    p_m = jnp.mean(log_ebar[None, :] > jnp.log(M)[:, None], axis=1, dtype=x.dtype)
     threshold = -0.5 * n * jnp.log(2 * jnp.pi * M**2) - 0.5 * radius2
-    eps = jnp.mean(log_gen[None, :] >= threshold[:, None], axis=1)
-    delta = jnp.mean(jnp.sum(z**2, -1) > radius2)
+    eps = jnp.mean(log_gen[None, :] >= threshold[:, None], axis=1, dtype=x.dtype)
+    delta = jnp.mean(jnp.sum(z**2, -1) > radius2, dtype=x.dtype)
     return InstabilityProbability(
         M=M, p_m=p_m, eps=eps, delta=delta, bound=1 - eps - delta, log_ebar=log_ebar
     )

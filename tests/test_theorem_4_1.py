@@ -1,0 +1,81 @@
+"""Paper 000 Theorem 4.1 on mixtures of Gaussian neighbours in several dimensions."""
+
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxflow as jf
+
+
+def sparse_neighbours(n, m=3, side=0.05, width=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    lower = rng.uniform(0.1, 0.85, (m, n))
+    return jf.GaussianNeighbours(np.full(m, 1 / m), lower, lower + side, np.full(m, width))
+
+
+@eqx.filter_jit
+def _estimate(field, x, M):
+    return jf.instability_probability(field, x, M, rtol=1e-6, atol=1e-6)
+
+
+def grid_neighbours(n, k, width, side=0.02):
+    """k^n small boxes on a regular grid of [0,1]^n: low density between boxes,
+    while the basins of the boxes tile noise space, so G^{-1}(x) stays moderate."""
+    c = (np.arange(k) + 0.5) / k
+    centres = np.array(list(itertools.product(c, repeat=n)))
+    m = len(centres)
+    return jf.GaussianNeighbours(
+        np.full(m, 1 / m), centres - side / 2, centres + side / 2, np.full(m, width)
+    )
+
+
+@pytest.mark.parametrize("n,k", [(2, 8), (3, 5), (4, 4)])
+def test_empirical_probability_respects_a_non_vacuous_bound(n, k):
+    field = jf.AnalyticField(grid_neighbours(n, k, 0.01), jf.RectifiedFlow())
+    x = jax.random.uniform(jax.random.PRNGKey(n), (128, n))
+    M = jnp.array([1.0, 2.0, 5.0])
+    r = _estimate(field, x, M)
+    assert np.all(np.asarray(r.p_m) >= np.asarray(r.bound) - 1e-12)
+    assert float(r.bound[0]) > 0.2  # the bound says something here
+    assert np.all(np.diff(np.asarray(r.p_m)) <= 0)  # P_M falls as M grows
+
+
+def test_instability_probability_rises_with_dimension():
+    """Sparse boxes (Assumption 4.4): P_1 grows towards one with n (Theorem 4.3)."""
+    p = []
+    for n in (2, 8, 32):
+        field = jf.AnalyticField(sparse_neighbours(n), jf.RectifiedFlow())
+        x = jax.random.uniform(jax.random.PRNGKey(n), (64, n))
+        r = _estimate(field, x, jnp.array([1.0]))
+        assert float(r.p_m[0]) >= float(r.bound[0]) - 1e-12
+        p.append(float(r.p_m[0]))
+    assert p[0] < p[1] <= p[2] and p[2] > 0.95, p
+
+
+def test_log_ebar_matches_dense_jacobian_at_small_n():
+    field = jf.AnalyticField(sparse_neighbours(3, side=0.3, width=0.1), jf.RectifiedFlow())
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 3))
+    r = _estimate(field, x, jnp.array([1.0]))
+
+    @jax.jit
+    @jax.vmap
+    def dense(xi):
+        z = jf.invert(field, xi, rtol=1e-10, atol=1e-10)
+        return jf.geometric_mean_singular_value(
+            lambda y: jf.generate(field, y, rtol=1e-10, atol=1e-10), z
+        )
+
+    np.testing.assert_allclose(jnp.exp(r.log_ebar), dense(x), rtol=1e-4)
+
+
+def test_m0_grows_as_widths_shrink():
+    law = sparse_neighbours(64)
+    m0 = float(law.theorem_4_3_m0())
+    d = float(law.min_box_distance())
+    n = 64
+    expect = np.exp((d / np.sqrt(n)) ** 2 / (8 * 0.01) + np.log(0.01) + 2 + 3 * np.sqrt(2 / n))
+    np.testing.assert_allclose(m0, expect, rtol=1e-10)
