@@ -50,9 +50,7 @@ def _get_solver(solver):
 
 
 def _is_adaptive(solver) -> bool:
-    return isinstance(solver, diffrax.AbstractAdaptiveSolver) or getattr(
-        solver, "error_order", lambda _: None
-    )(None) is not None
+    return isinstance(solver, diffrax.AbstractAdaptiveSolver)
 
 
 def _check_span(field: AbstractField, t_start, t_end):
