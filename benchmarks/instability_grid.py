@@ -100,8 +100,10 @@ def main():
         (x, jac), run_s = timed(compiled, zs)
         results[name] = dict(compile_s=compile_s, run_s=run_s, points_per_s=npts / run_s)
         results[name]["_out"] = (np.asarray(x), np.asarray(jac))
-        print(f"jaxflow {name}: compile {compile_s:.2f} s, run {run_s:.2f} s, "
-              f"{npts / run_s:,.0f} points/s")
+        print(
+            f"jaxflow {name}: compile {compile_s:.2f} s, run {run_s:.2f} s, "
+            f"{npts / run_s:,.0f} points/s"
+        )
 
     rng = np.random.default_rng(0)
     subset = rng.choice(npts, size=min(args.scipy_points, npts), replace=False)
@@ -110,9 +112,11 @@ def main():
     ref = [scipy_point(v, np.asarray(zs[i])) for i in subset]
     scipy_s = time.perf_counter() - t0
     scipy_rate = len(subset) / scipy_s
-    print(f"scipy solve_ivp RK45 loop + forward differences: {len(subset)} points in "
-          f"{scipy_s:.2f} s, {scipy_rate:,.1f} points/s "
-          f"(extrapolated {npts / scipy_rate / 60:.1f} min for the grid)")
+    print(
+        f"scipy solve_ivp RK45 loop + forward differences: {len(subset)} points in "
+        f"{scipy_s:.2f} s, {scipy_rate:,.1f} points/s "
+        f"(extrapolated {npts / scipy_rate / 60:.1f} min for the grid)"
+    )
 
     t0 = time.perf_counter()
     for i in subset:
@@ -126,21 +130,29 @@ def main():
     x_jf, j_jf = results[best]["_out"]
     dx = np.max(np.abs(x_jf[subset] - x_ref))
     rel_j = np.linalg.norm(j_jf[subset] - j_ref, axis=(1, 2)) / np.linalg.norm(j_ref, axis=(1, 2))
-    print(f"max |G_jaxflow - G_scipy| = {dx:.2e}; Jacobian relative difference "
-          f"median {np.median(rel_j):.2e}, max {np.max(rel_j):.2e} (finite differences)")
+    print(
+        f"max |G_jaxflow - G_scipy| = {dx:.2e}; Jacobian relative difference "
+        f"median {np.median(rel_j):.2e}, max {np.max(rel_j):.2e} (finite differences)"
+    )
     for name, r in results.items():
         r.pop("_out")
         r["speedup_vs_scipy"] = r["points_per_s"] / scipy_rate
         r["speedup_vs_scipy_G_alone"] = r["points_per_s"] / scipy_g_rate
-        print(f"ratio {name} / scipy (G + FD Jacobian): {r['speedup_vs_scipy']:.0f}x "
-              f"(vs scipy computing G alone: {r['speedup_vs_scipy_G_alone']:.0f}x)")
+        print(
+            f"ratio {name} / scipy (G + FD Jacobian): {r['speedup_vs_scipy']:.0f}x "
+            f"(vs scipy computing G alone: {r['speedup_vs_scipy_G_alone']:.0f}x)"
+        )
     summary = dict(
         grid=args.grid,
         points=npts,
         rtol=RTOL,
         atol=ATOL,
-        scipy=dict(points=len(subset), seconds=scipy_s, points_per_s=scipy_rate,
-                   points_per_s_G_alone=scipy_g_rate),
+        scipy=dict(
+            points=len(subset),
+            seconds=scipy_s,
+            points_per_s=scipy_rate,
+            points_per_s_G_alone=scipy_g_rate,
+        ),
         jaxflow=results,
         max_abs_diff_G=float(dx),
         jacobian_rel_diff_median=float(np.median(rel_j)),

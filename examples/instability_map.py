@@ -91,7 +91,10 @@ def main(argv=None):
             lower_bound=np.asarray(b.bound),
             condition_holds=np.asarray(b.condition),
             bound_respected_where_condition_holds=bool(
-                np.all(np.asarray(a)[np.asarray(b.condition)] >= np.asarray(b.bound)[np.asarray(b.condition)] - 1e-12)
+                np.all(
+                    np.asarray(a)[np.asarray(b.condition)]
+                    >= np.asarray(b.bound)[np.asarray(b.condition)] - 1e-12
+                )
             ),
         )
 
@@ -112,7 +115,9 @@ def main(argv=None):
     results = dict(
         axis=np.asarray(axis),
         E_y_exact_max=float(e_y.max()),
-        E_y_exact_argmax_z=np.asarray(zs.reshape(grid, grid, 2)[np.unravel_index(e_y.argmax(), e_y.shape)]),
+        E_y_exact_argmax_z=np.asarray(
+            zs.reshape(grid, grid, 2)[np.unravel_index(e_y.argmax(), e_y.shape)]
+        ),
         E_y_fd_max=float(e_fd.max()),
         E_y_exact_vs_fd_max_abs_diff=float(np.max(np.abs(e_y[:-1] - e_fd))),
         E_y_exact_vs_fd_median_rel_diff=float(np.median(np.abs(e_y[:-1] - e_fd) / e_y[:-1])),
@@ -155,13 +160,19 @@ def main(argv=None):
     ax.contour(np.asarray(axis), np.asarray(axis), e_y, levels=[1.0], colors="cyan", linewidths=0.8)
     ax.axhline(y_line, color="white", ls="--", lw=1)
     fig.colorbar(im, ax=ax, label="$\\mathcal{E}_G(z, n_y)$ (log scale)")
-    ax.set(xlabel="$z_1$", ylabel="$z_2$",
-           title=f"(b) exact $\\mathcal{{E}}_G(z,n_y)$, max {e_y.max():.3g}; cyan: E = 1")
+    ax.set(
+        xlabel="$z_1$",
+        ylabel="$z_2$",
+        title=f"(b) exact $\\mathcal{{E}}_G(z,n_y)$, max {e_y.max():.3g}; cyan: E = 1",
+    )
     ax = axes[2]
     im = ax.imshow(e_fd, extent=(-1, 1, -1, 1 - h), origin="lower", cmap="magma", norm=norm)
     fig.colorbar(im, ax=ax, label="finite-difference estimate (log scale)")
-    ax.set(xlabel="$z_1$", ylabel="$z_2$",
-           title=f"(b') paper's finite difference (h = {h:.3g}), max {e_fd.max():.3g}")
+    ax.set(
+        xlabel="$z_1$",
+        ylabel="$z_2$",
+        title=f"(b') paper's finite difference (h = {h:.3g}), max {e_fd.max():.3g}",
+    )
     ax = axes[3]
     for name, colour in (("n_x", "tab:blue"), ("n_y", "tab:orange")):
         c = out_c[name]
@@ -169,27 +180,45 @@ def main(argv=None):
         ax.plot(lx, c["A"], color=colour, label=f"$A_G(z, {name})$")
         ax.plot(lx, c["lower_bound"], color=colour, ls="--", label=f"Prop. E.1 bound, {name}")
         bad = ~c["condition_holds"]
-        ax.scatter(lx[bad], c["lower_bound"][bad], facecolors="none", edgecolors=colour, s=25,
-                   label=f"condition fails ({name})" if bad.any() else None)
+        ax.scatter(
+            lx[bad],
+            c["lower_bound"][bad],
+            facecolors="none",
+            edgecolors=colour,
+            s=25,
+            label=f"condition fails ({name})" if bad.any() else None,
+        )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_yscale("log")
-    ax.set(xlabel="$z_1$ on the dashed line", ylabel="instability coefficient",
-           title=f"(c) $|n| = {eps}$ along $z_2 = {y_line:.2f}$")
+    ax.set(
+        xlabel="$z_1$ on the dashed line",
+        ylabel="instability coefficient",
+        title=f"(c) $|n| = {eps}$ along $z_2 = {y_line:.2f}$",
+    )
     ax.legend(fontsize=7)
-    fig.suptitle("Paper 000 Fig. 3: instability of the rectified-flow generation map "
-                 "(3-component mixture, exact Jacobians by jaxflow)")
+    fig.suptitle(
+        "Paper 000 Fig. 3: instability of the rectified-flow generation map "
+        "(3-component mixture, exact Jacobians by jaxflow)"
+    )
     fig.tight_layout()
     fig.savefig(rec.png_path(), dpi=110)
     path = rec.write(results)
-    print(f"grid {grid}x{grid}: max E_y exact {e_y.max():.4g} at z = "
-          f"{results['E_y_exact_argmax_z'].round(3).tolist()}, finite-difference max {e_fd.max():.4g}")
-    print(f"E_y > 1 on {100 * unstable.mean():.2f}% of the grid; centre E_y = {results['E_y_centre']:.3g}; "
-          f"corners {', '.join(f'{k}: {v:.2g}' for k, v in corners.items())}")
+    print(
+        f"grid {grid}x{grid}: max E_y exact {e_y.max():.4g} at z = "
+        f"{results['E_y_exact_argmax_z'].round(3).tolist()}, finite-difference max {e_fd.max():.4g}"
+    )
+    print(
+        f"E_y > 1 on {100 * unstable.mean():.2f}% of the grid; "
+        f"centre E_y = {results['E_y_centre']:.3g}; "
+        f"corners {', '.join(f'{k}: {v:.2g}' for k, v in corners.items())}"
+    )
     for name in ("n_x", "n_y"):
         c = out_c[name]
-        print(f"(c) {name}: max A = {c['A'].max():.3g}, Prop. E.1 condition holds at "
-              f"{int(c['condition_holds'].sum())}/{line_points} points, bound respected there: "
-              f"{c['bound_respected_where_condition_holds']}")
+        print(
+            f"(c) {name}: max A = {c['A'].max():.3g}, Prop. E.1 condition holds at "
+            f"{int(c['condition_holds'].sum())}/{line_points} points, bound respected there: "
+            f"{c['bound_respected_where_condition_holds']}"
+        )
     print(f"wrote {rec.png_path()} and {path} in {rec.data['wall_time_s']:.1f} s")
     return results
 

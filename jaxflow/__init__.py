@@ -42,5 +42,5 @@ try:
     __version__ = importlib.metadata.version("jaxflow")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
-from ._examples import fig3_mixture as fig3_mixture
 from ._batching import batch_map as batch_map
+from ._examples import fig3_mixture as fig3_mixture

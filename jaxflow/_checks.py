@@ -25,9 +25,7 @@ def as_float_array(name: str, value, ndim=None) -> jax.Array:
         ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if arr.ndim not in ndims:
             want = " or ".join(str(d) for d in ndims)
-            raise ValueError(
-                f"{name} must have {want} dimension(s), got shape {arr.shape}."
-            )
+            raise ValueError(f"{name} must have {want} dimension(s), got shape {arr.shape}.")
     if is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
         raise ValueError(f"{name} contains NaN or infinite values; pass finite numbers.")
     return arr

@@ -22,9 +22,7 @@ from ._paths import AbstractPath
 
 def _check_time(path: AbstractPath, x, t):
     bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
-    x = eqx.error_if(
-        x, bad, "time t is outside the path's range [t_data, t_noise]; clip t to it."
-    )
+    x = eqx.error_if(x, bad, "time t is outside the path's range [t_data, t_noise]; clip t to it.")
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
 
 
@@ -67,9 +65,7 @@ class AbstractField(eqx.Module):
         """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
         return self.velocity_unchecked(_check_time(self.path, x, t), t)
 
-    def reverse_drift(
-        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
-    ) -> Float[Array, " n"]:
+    def reverse_drift(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         """Reverse-SDE drift `v - (g^2 / 2) s = f x - g^2 s` (DESIGN §2), in forward time.
 
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
@@ -119,7 +115,8 @@ class AnalyticField(AbstractField):
             raise ValueError(f"AnalyticField needs an AbstractLaw, got {type(law).__name__}.")
         if not isinstance(path, AbstractPath):
             raise ValueError(
-                f"AnalyticField needs an AbstractPath (e.g. jf.RectifiedFlow()), got {type(path).__name__}."
+                "AnalyticField needs an AbstractPath (e.g. jf.RectifiedFlow()), "
+                f"got {type(path).__name__}."
             )
         self.law = law
         self.path = path

@@ -60,16 +60,22 @@ def _covariance_spectrum(covariances, k, n, name):
     """
     if covariances.ndim == 1:
         if covariances.shape != (k,):
-            raise ValueError(f"{name}: isotropic variances need shape ({k},), got {covariances.shape}.")
+            raise ValueError(
+                f"{name}: isotropic variances need shape ({k},), got {covariances.shape}."
+            )
         check_positive(f"{name} (isotropic variances)", covariances)
         return None, jnp.broadcast_to(covariances[:, None], (k, n))
     if covariances.ndim == 2:
         if covariances.shape != (k, n):
-            raise ValueError(f"{name}: diagonal variances need shape ({k}, {n}), got {covariances.shape}.")
+            raise ValueError(
+                f"{name}: diagonal variances need shape ({k}, {n}), got {covariances.shape}."
+            )
         check_positive(f"{name} (diagonal variances)", covariances)
         return None, covariances
     if covariances.shape != (k, n, n):
-        raise ValueError(f"{name}: full covariances need shape ({k}, {n}, {n}), got {covariances.shape}.")
+        raise ValueError(
+            f"{name}: full covariances need shape ({k}, {n}, {n}), got {covariances.shape}."
+        )
     if is_concrete(covariances):
         check_spd(name, covariances)
     sym = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
@@ -188,9 +194,13 @@ class Gaussian(AbstractLaw):
         covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2))
         n = mean.shape[0]
         if covariance.ndim == 1 and covariance.shape != (n,):
-            raise ValueError(f"Gaussian: diagonal covariance needs shape ({n},), got {covariance.shape}.")
+            raise ValueError(
+                f"Gaussian: diagonal covariance needs shape ({n},), got {covariance.shape}."
+            )
         if covariance.ndim == 2 and covariance.shape != (n, n):
-            raise ValueError(f"Gaussian: covariance needs shape ({n}, {n}), got {covariance.shape}.")
+            raise ValueError(
+                f"Gaussian: covariance needs shape ({n}, {n}), got {covariance.shape}."
+            )
         self.mixture = GaussianMixture(jnp.ones(1, mean.dtype), mean[None], covariance[None])
 
     @property
@@ -355,7 +365,8 @@ class GaussianNeighbours(AbstractLaw):
         m = lower.shape[0]
         if upper.shape != lower.shape:
             raise ValueError(
-                f"GaussianNeighbours: lower {lower.shape} and upper {upper.shape} must have the same shape (m, n)."
+                f"GaussianNeighbours: lower {lower.shape} and upper {upper.shape} "
+                "must have the same shape (m, n)."
             )
         if weights.shape != (m,) or widths.shape != (m,):
             raise ValueError(

@@ -109,7 +109,8 @@ class InstabilityProbability(eqx.Module):
 
     - `M`: the thresholds, shape `(m,)`.
     - `p_m`: empirical `P_M = pi_real(Ebar_G(G^{-1}(x)) > M)`.
-    - `eps`: empirical `pi_real(log p_gen(x) >= -(n/2) log(2 pi M^2) - (2n + 3 sqrt(2n))/2)` (eq. 8).
+    - `eps`: empirical `pi_real(log p_gen(x) >= -(n/2) log(2 pi M^2) - (2n + 3 sqrt(2n))/2)`
+      (eq. 8).
     - `delta`: empirical `pi_real(|G^{-1}(x)|^2 > 2n + 3 sqrt(2n))` (eq. 9).
     - `bound`: `1 - eps - delta`; the theorem says `p_m >= bound`.
     - `log_ebar`: `log Ebar_G(G^{-1}(x))` per sample.

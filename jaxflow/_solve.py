@@ -5,8 +5,8 @@ the other way (paper 000 Def. 2.1). Forward-mode differentiation (`jax.jvp`,
 `jax.jacfwd`) goes through every solve (`diffrax.ForwardMode`).
 """
 
-import equinox as eqx
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -104,9 +104,7 @@ def solve_ode(
     """
     solver = _get_solver(solver)
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
-    controller, dt0, fixed = _controller_and_dt0(
-        solver, steps, rtol, atol, t_start, t_end, dtype
-    )
+    controller, dt0, fixed = _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype)
     if fixed is not None:
         max_steps = fixed
     # diffrax promotes the state to the time's dtype: keep float32 states float32
@@ -137,9 +135,7 @@ def solve_ode(
         "fail). Raise `max_steps`, loosen `rtol`/`atol`, or use a fixed-step solver "
         "with `steps=`.",
     )
-    finite = jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(y)])
-    )
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(y)]))
     return eqx.error_if(
         y,
         ~finite,
@@ -255,7 +251,9 @@ def reconstruct(field: AbstractField, x: Float[Array, " n"], **solve_kwargs) -> 
     return generate(field, invert(field, x, **solve_kwargs), **solve_kwargs)
 
 
-def reconstruction_error(field: AbstractField, x: Float[Array, " n"], **solve_kwargs) -> Float[Array, ""]:
+def reconstruction_error(
+    field: AbstractField, x: Float[Array, " n"], **solve_kwargs
+) -> Float[Array, ""]:
     """`R(x) = |x - Ghat(Ghat^{-1}(x))| / sqrt(n)` (paper 000 eq. 4)."""
     x_hat = reconstruct(field, x, **solve_kwargs)
     return jnp.linalg.norm(x - x_hat) / jnp.sqrt(x.shape[-1])

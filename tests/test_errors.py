@@ -15,24 +15,54 @@ GOOD_COV = np.stack([np.eye(2)] * 2)
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: jf.GaussianMixture(np.array([0.5, 0.5, 0.0]), GOOD_MU, GOOD_COV), "one weight per component"),
+        (
+            lambda: jf.GaussianMixture(np.array([0.5, 0.5, 0.0]), GOOD_MU, GOOD_COV),
+            "one weight per component",
+        ),
         (lambda: jf.GaussianMixture(np.array([1.5, -0.5]), GOOD_MU, GOOD_COV), "> 0"),
         (lambda: jf.GaussianMixture(np.array([0.3, 0.3]), GOOD_MU, GOOD_COV), "sum to one"),
-        (lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([np.eye(3)] * 2)), r"shape \(2, 2, 2\)"),
-        (lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([[[1.0, 0.5], [0.0, 1.0]]] * 2)), "symmetric"),
-        (lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([[[1.0, 2.0], [2.0, 1.0]]] * 2)), "positive definite"),
+        (
+            lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([np.eye(3)] * 2)),
+            r"shape \(2, 2, 2\)",
+        ),
+        (
+            lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([[[1.0, 0.5], [0.0, 1.0]]] * 2)),
+            "symmetric",
+        ),
+        (
+            lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.stack([[[1.0, 2.0], [2.0, 1.0]]] * 2)),
+            "positive definite",
+        ),
         (lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.array([1.0, 0.0])), "> 0"),
         (lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, np.array([[1.0, 1.0], [1.0, -1.0]])), "> 0"),
-        (lambda: jf.GaussianMixture(GOOD_W, np.array([[0.0, np.nan], [0.0, 0.0]]), GOOD_COV), "NaN"),
+        (
+            lambda: jf.GaussianMixture(GOOD_W, np.array([[0.0, np.nan], [0.0, 0.0]]), GOOD_COV),
+            "NaN",
+        ),
         (lambda: jf.Gaussian(np.zeros(2), np.eye(3)), r"shape \(2, 2\)"),
         (lambda: jf.Gaussian(np.zeros(2), -np.eye(2)), "positive definite"),
         (lambda: jf.Gaussian(np.zeros((2, 2)), np.eye(2)), "dimension"),
         (lambda: jf.Empirical(np.zeros((3, 2)), np.array([0.5, 0.5])), "one weight per point"),
         (lambda: jf.Empirical(np.zeros((2, 2)), np.array([1.0, 0.0])), "> 0"),
         (lambda: jf.Empirical(np.zeros(3)), "dimension"),
-        (lambda: jf.GaussianNeighbours(GOOD_W, np.zeros((2, 2)), np.ones((2, 2)), np.array([0.1, 0.0])), "widths"),
-        (lambda: jf.GaussianNeighbours(GOOD_W, np.ones((2, 2)), np.ones((2, 2)), np.array([0.1, 0.1])), "lower < upper"),
-        (lambda: jf.GaussianNeighbours(GOOD_W, np.zeros((2, 2)), np.ones((2, 3)), np.array([0.1, 0.1])), "same shape"),
+        (
+            lambda: jf.GaussianNeighbours(
+                GOOD_W, np.zeros((2, 2)), np.ones((2, 2)), np.array([0.1, 0.0])
+            ),
+            "widths",
+        ),
+        (
+            lambda: jf.GaussianNeighbours(
+                GOOD_W, np.ones((2, 2)), np.ones((2, 2)), np.array([0.1, 0.1])
+            ),
+            "lower < upper",
+        ),
+        (
+            lambda: jf.GaussianNeighbours(
+                GOOD_W, np.zeros((2, 2)), np.ones((2, 3)), np.array([0.1, 0.1])
+            ),
+            "same shape",
+        ),
         (lambda: jf.OrnsteinUhlenbeck(-1.0), "> 0"),
         (lambda: jf.Cosine(0.0), "> 0"),
         (lambda: jf.AnalyticField(jf.RectifiedFlow(), jf.RectifiedFlow()), "AbstractLaw"),
@@ -45,8 +75,9 @@ def test_construction_errors(make, match):
 
 @pytest.fixture(scope="module")
 def field():
-    return jf.AnalyticField(jf.GaussianMixture(GOOD_W, np.array([[0.0, 0.0], [1.0, 1.0]]), GOOD_COV),
-                            jf.RectifiedFlow())
+    return jf.AnalyticField(
+        jf.GaussianMixture(GOOD_W, np.array([[0.0, 0.0], [1.0, 1.0]]), GOOD_COV), jf.RectifiedFlow()
+    )
 
 
 def test_solve_argument_errors(field):

@@ -12,7 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_example(name, tmp_path, *extra):
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--quick", "--out", str(tmp_path), *extra],
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", f"{name}.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ],
         check=True,
         cwd=ROOT,
     )

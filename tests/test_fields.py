@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import LAWS, PATHS, DENSITY_LAWS
+from helpers import DENSITY_LAWS, LAWS, PATHS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,8 +81,12 @@ def test_neighbours_log_prob_finite_in_high_dimension():
 
 def test_neighbours_density_matches_quadrature():
     """1-D: the closed form equals numerical convolution of the box with the Gaussian."""
-    law = jf.GaussianNeighbours(jnp.array([0.4, 0.6]), jnp.array([[-1.0], [0.5]]),
-                                jnp.array([[-0.2], [1.5]]), jnp.array([0.1, 0.3]))
+    law = jf.GaussianNeighbours(
+        jnp.array([0.4, 0.6]),
+        jnp.array([[-1.0], [0.5]]),
+        jnp.array([[-0.2], [1.5]]),
+        jnp.array([0.1, 0.3]),
+    )
     path = jf.RectifiedFlow()
     t = 0.4
     a, s = path.alpha(t), path.sigma(t)
@@ -92,8 +96,15 @@ def test_neighbours_density_matches_quadrature():
     f = 0.4 * ((u >= -1) & (u <= -0.2)) / 0.8 + 0.6 * ((u >= 0.5) & (u <= 1.5)) / 1.0
     w = jnp.where(u < 0, 0.1, 0.3)
     tau = jnp.sqrt(a**2 * w**2 + s**2)
-    dens = jnp.sum(f[None] * jnp.exp(-0.5 * ((x[:, None] - a * u[None]) / tau) ** 2)
-                   / (jnp.sqrt(2 * jnp.pi) * tau), axis=1) * du
+    dens = (
+        jnp.sum(
+            f[None]
+            * jnp.exp(-0.5 * ((x[:, None] - a * u[None]) / tau) ** 2)
+            / (jnp.sqrt(2 * jnp.pi) * tau),
+            axis=1,
+        )
+        * du
+    )
     closed = jnp.exp(jax.vmap(lambda xi: law.marginal_log_prob(xi[None], a, s))(x))
     np.testing.assert_allclose(closed, dens, rtol=2e-3, atol=1e-6)
 

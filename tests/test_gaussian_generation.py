@@ -59,5 +59,6 @@ def test_generate_then_invert_is_identity_on_every_path():
     z = jnp.asarray(rng.standard_normal(3))
     for path in (jf.RectifiedFlow(), jf.OrnsteinUhlenbeck(5.0), jf.Cosine()):
         field = jf.AnalyticField(law, path)
-        np.testing.assert_allclose(jf.invert(field, jf.generate(field, z, **SOLVE), **SOLVE), z,
-                                   rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(
+            jf.invert(field, jf.generate(field, z, **SOLVE), **SOLVE), z, rtol=1e-7, atol=1e-7
+        )

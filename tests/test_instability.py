@@ -39,7 +39,7 @@ def test_intrinsic_instability_equals_finite_difference(z, angle):
         float(jnp.linalg.norm(GEN(z + h * u) - GEN(z - h * u)) / (2 * h))
         for h in (1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
     ]
-    converged = [b for a, b in zip(fds, fds[1:]) if abs(a - b) <= 3e-3 * abs(b)]
+    converged = [b for a, b in zip(fds, fds[1:], strict=False) if abs(a - b) <= 3e-3 * abs(b)]
     assert converged, fds
     np.testing.assert_allclose(e, converged[0], rtol=5e-3)
     if fds[0] < 50:  # away from the ridge, the dense Jacobian too
@@ -71,8 +71,8 @@ def test_prop_e_1_bound_holds_where_its_condition_does():
     zs = jnp.stack(jnp.meshgrid(jnp.linspace(-1, 1, 7), jnp.linspace(-1, 1, 7)), -1).reshape(-1, 2)
     checked = 0
     for direction in (jnp.array([0.02, 0.0]), jnp.array([0.0, 0.02])):
-        bounds = jax.vmap(lambda z: jf.instability_lower_bound(GEN, z, direction))(zs)
-        a = jax.vmap(lambda z: jf.instability_coefficient(GEN, z, direction))(zs)
+        bounds = jax.vmap(jf.instability_lower_bound, in_axes=(None, 0, None))(GEN, zs, direction)
+        a = jax.vmap(jf.instability_coefficient, in_axes=(None, 0, None))(GEN, zs, direction)
         held = np.asarray(bounds.condition)
         assert held.sum() > 0
         assert np.all(np.asarray(a)[held] >= np.asarray(bounds.bound)[held] * (1 - 1e-9))
@@ -88,8 +88,11 @@ def test_prop_e_1_condition_is_reported_false_when_jvps_turn():
         c, s = jnp.cos(angle), jnp.sin(angle)
         return jnp.array([c * x[1], s * x[1]]) + jnp.array([0.0, 0.0]) * x[0]
 
-    r = jf.instability_lower_bound(lambda x: twist(x) + x[0] * jnp.array([1e-3, 0.0]),
-                                   jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0]))
+    r = jf.instability_lower_bound(
+        lambda x: twist(x) + x[0] * jnp.array([1e-3, 0.0]),
+        jnp.array([0.0, 1.0]),
+        jnp.array([1.0, 0.0]),
+    )
     assert not bool(r.condition)
     assert float(r.min_inner) < 0
 
@@ -107,7 +110,9 @@ def test_amplified_error_bound_formula():
     h, m2 = 0.01, 3.0
     c = jnp.array([1.0, 2.0, 10.0])
     got = jf.amplified_error_bound(h, m2, c)
-    expect = np.array([h * m2 / 2, h * m2 * 1 / (2 * np.log(2)) * 2, h * m2 * 9 / (2 * np.log(10)) * 10])
+    expect = np.array(
+        [h * m2 / 2, h * m2 * 1 / (2 * np.log(2)) * 2, h * m2 * 9 / (2 * np.log(10)) * 10]
+    )
     np.testing.assert_allclose(got, expect, rtol=1e-12)
 
 

@@ -21,8 +21,12 @@ def _routes(field, z):
 
 
 @settings(max_examples=8, deadline=None)
-@given(n=st.integers(1, 8), k=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(["full", "diag", "iso"]))
+@given(
+    n=st.integers(1, 8),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["full", "diag", "iso"]),
+)
 def test_three_routes_agree_on_mixtures(n, k, seed, kind):
     rng = np.random.default_rng(seed)
     law = make_mixture(rng, n, k, kind)
