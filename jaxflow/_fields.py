@@ -80,18 +80,52 @@ class AbstractField(eqx.Module):
         x: Float[Array, " n"],
         t: Float[ArrayLike, ""],
         key: PRNGKeyArray | None = None,
+        method: str = "auto",
     ) -> Float[Array, ""]:
-        """`div_x v(x, t)`: exact trace of `jacfwd`, or Hutchinson's estimate
-        `eps^T (dv/dx) eps` (one JVP, Rademacher `eps`) when a `key` is given."""
+        """`div_x v(x, t)`.
+
+        **Arguments:**
+
+        - `method`: `'closed_form'` (Gaussian and Gaussian-mixture laws: about the
+          cost of one evaluation of `v`), `'trace'` (exact trace of `jacfwd`, `n`
+          JVPs), `'hutchinson'` (`eps^T (dv/dx) eps`, one JVP, Rademacher `eps`
+          from `key`), or `'auto'`: Hutchinson when a `key` is given, else the
+          closed form where the law has one, else the trace.
+        """
         x = _check_time(self.path, x, t)
-        return _divergence(self, x, t, key)
+        return _divergence(self, x, t, key, method)
 
 
-def _divergence(field, x, t, key=None):
+_DIVERGENCE_METHODS = ("auto", "closed_form", "trace", "hutchinson")
+
+
+def _divergence_method(field, key, method):
+    if method not in _DIVERGENCE_METHODS:
+        raise ValueError(f"method must be one of {_DIVERGENCE_METHODS}, got {method!r}.")
+    has_closed = hasattr(getattr(field, "law", None), "velocity_divergence")
+    if method == "auto":
+        return "hutchinson" if key is not None else ("closed_form" if has_closed else "trace")
+    if method == "hutchinson" and key is None:
+        raise ValueError("method='hutchinson' needs a PRNG key.")
+    if method == "closed_form" and not has_closed:
+        raise ValueError(
+            "this field has no closed-form divergence (only Gaussian and GaussianMixture "
+            "laws do); use method='trace' or 'hutchinson'."
+        )
+    return method
+
+
+def _divergence(field, x, t, key=None, method="auto"):
+    method = _divergence_method(field, key, method)
+    if method == "closed_form":
+        path = field.path
+        coeffs = (path.alpha(t), path.sigma(t), path.d_alpha(t), path.sigma_d_sigma(t))
+        return field.law.velocity_divergence(x, *(c.astype(x.dtype) for c in coeffs))
+
     def v(y):
         return field.velocity_unchecked(y, t)
 
-    if key is None:
+    if method == "trace":
         return jnp.trace(jax.jacfwd(v)(x))
     eps = jax.random.rademacher(key, x.shape, dtype=x.dtype)
     return jnp.vdot(eps, jax.jvp(v, (x,), (eps,))[1])

@@ -29,6 +29,7 @@ def log_det_generation(
     *,
     route: str = "divergence",
     key: PRNGKeyArray | None = None,
+    divergence: str = "auto",
     **solve_kwargs,
 ) -> Float[Array, ""]:
     """`log |det J_G(z)|` of the generation map, by one of three routes.
@@ -38,9 +39,12 @@ def log_det_generation(
     - `field`, `z`: the field and one noise point `(n,)`.
     - `route`:
         - `'divergence'` (default): integrate `d l / dt = div v(x_t, t)` along the
-          trajectory together with `x_t` (exact trace of `dv/dx`; `n` JVPs a stage).
-          With a `key`, Hutchinson's estimate `eps^T (dv/dx) eps` with one Rademacher
-          probe held fixed along the path (one JVP a stage, unbiased, noisy).
+          trajectory together with `x_t`, `l(t_noise) = 0`. The divergence is the
+          closed form for Gaussian / mixture laws, else the exact trace of `dv/dx`
+          (`n` JVPs a stage); with a `key`, Hutchinson's estimate
+          `eps^T (dv/dx) eps` with one Rademacher probe held fixed along the path
+          (one JVP a stage, unbiased, noisy). `divergence=` forces one of
+          `'closed_form' | 'trace' | 'hutchinson'`.
         - `'density'`: `log p_noise(z) - log p_gen(G(z))` with the closed-form
           marginals of an `AnalyticField` (exact for an exact `G`).
         - `'dense'`: `log |det|` of the dense `jacfwd` Jacobian through the solver.
@@ -59,6 +63,10 @@ def log_det_generation(
         return field.law.marginal_log_prob(
             z, path.alpha(t1), path.sigma(t1)
         ) - field.law.marginal_log_prob(x, path.alpha(t0), path.sigma(t0))
+    if divergence != "auto" or key is not None:
+        from ._fields import _divergence_method
+
+        _divergence_method(field, key, divergence)  # argument errors before tracing
     if route != "divergence":
         raise ValueError(f"route must be 'divergence', 'density' or 'dense', got {route!r}.")
     kwargs = dict(solve_kwargs)
@@ -68,7 +76,7 @@ def log_det_generation(
     def rhs(t, y):
         x, _ = y
         v = field.velocity_unchecked(x, t)
-        return v, _divergence(field, x, t, key)
+        return v, _divergence(field, x, t, key, divergence)
 
     _, logdet = solve_ode(
         rhs, (z, jnp.zeros((), z.dtype)), t1, t0, what="log_det_generation", **kwargs

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import SOLVE, make_mixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,3 +61,42 @@ def test_hutchinson_is_unbiased():
     stderr = float(jnp.std(est)) / np.sqrt(len(keys))
     assert abs(float(jnp.mean(est)) - float(exact)) < 4 * stderr + 1e-4
     assert float(jnp.std(est)) > 0  # a real estimator, not the exact trace
+
+
+@eqx.filter_jit
+def _both_divergences(field, x, t):
+    return field.divergence(x, t, method="closed_form"), field.divergence(x, t, method="trace")
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["full", "diag", "iso"]),
+    frac=st.floats(0.0, 1.0),
+    path=st.sampled_from(["rf", "cosine", "ou"]),
+)
+def test_closed_form_divergence_equals_trace(n, k, seed, kind, frac, path):
+    rng = np.random.default_rng(seed)
+    p = {"rf": jf.RectifiedFlow(), "cosine": jf.Cosine(), "ou": jf.OrnsteinUhlenbeck(3.0)}[path]
+    field = jf.AnalyticField(make_mixture(rng, n, k, kind), p)
+    x = jnp.asarray(rng.standard_normal(n))
+    t = frac * p.t_noise
+    closed, trace = _both_divergences(field, x, t)
+    np.testing.assert_allclose(closed, trace, rtol=1e-9, atol=1e-9)
+
+
+def test_divergence_route_with_trace_on_neighbours_and_method_errors():
+    rng = np.random.default_rng(9)
+    law = make_mixture(rng, 3, 2, "full")
+    field = jf.AnalyticField(law, jf.RectifiedFlow())
+    z = jnp.asarray(rng.standard_normal(3))
+    a = jf.log_det_generation(field, z, divergence="trace", **SOLVE)
+    b = jf.log_det_generation(field, z, divergence="closed_form", **SOLVE)
+    np.testing.assert_allclose(a, b, rtol=1e-9)
+    emp = jf.AnalyticField(jf.Empirical(jnp.ones((2, 3))), jf.RectifiedFlow())
+    with pytest.raises(ValueError, match="closed-form"):
+        emp.divergence(z, 0.5, method="closed_form")
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        jf.log_det_generation(field, z, divergence="hutchinson")
