@@ -49,15 +49,19 @@ def geometric_mean_singular_value(fn: Map, x: Float[Array, " n"]) -> Float[Array
     return jnp.exp(log_abs_det_jacobian(fn, x) / x.shape[0])
 
 
+def _check_direction(what, x, name, u):
+    x = _check_point(what, x)
+    u = jnp.asarray(u, x.dtype)
+    if u.shape != x.shape:
+        raise ValueError(f"{what}: {name} has shape {u.shape}, x has {x.shape}.")
+    return x, eqx.error_if(u, jnp.all(u == 0), f"{what}: {name} must be non-zero.")
+
+
 def intrinsic_instability(
     fn: Map, x: Float[Array, " n"], u: Float[Array, " n"]
 ) -> Float[Array, ""]:
     """`E_F(x, u) = |J_F(x) u| / |u|` (paper 000 Def. 2.2, eq. 2): one `jax.jvp`."""
-    x = _check_point("intrinsic_instability", x)
-    u = jnp.asarray(u, x.dtype)
-    if u.shape != x.shape:
-        raise ValueError(f"direction u has shape {u.shape}, x has {x.shape}.")
-    u = eqx.error_if(u, jnp.all(u == 0), "intrinsic_instability: u must be non-zero.")
+    x, u = _check_direction("intrinsic_instability", x, "direction u", u)
     ju = jax.jvp(fn, (x,), (u,))[1]
     return jnp.linalg.norm(ju) / jnp.linalg.norm(u)
 
@@ -66,11 +70,7 @@ def instability_coefficient(
     fn: Map, x: Float[Array, " n"], n: Float[Array, " n"]
 ) -> Float[Array, ""]:
     """`A_F(x, n) = |F(x + n) - F(x)| / |n|` (paper 000 Prop. 2.1, eq. 3)."""
-    x = _check_point("instability_coefficient", x)
-    n = jnp.asarray(n, x.dtype)
-    if n.shape != x.shape:
-        raise ValueError(f"perturbation n has shape {n.shape}, x has {x.shape}.")
-    n = eqx.error_if(n, jnp.all(n == 0), "instability_coefficient: n must be non-zero.")
+    x, n = _check_direction("instability_coefficient", x, "perturbation n", n)
     return jnp.linalg.norm(fn(x + n) - fn(x)) / jnp.linalg.norm(n)
 
 
@@ -99,8 +99,7 @@ def instability_lower_bound(
     Uses `num_points` equally spaced `a` (the paper uses 10) and exact JVPs instead
     of the paper's finite differences.
     """
-    x = _check_point("instability_lower_bound", x)
-    n = jnp.asarray(n, x.dtype)
+    x, n = _check_direction("instability_lower_bound", x, "perturbation n", n)
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2, got {num_points}.")
     a = jnp.linspace(0.0, 1.0, num_points, dtype=x.dtype)

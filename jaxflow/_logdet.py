@@ -12,15 +12,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._fields import AbstractField, AnalyticField, _divergence
 from ._instability import log_abs_det_jacobian
-from ._solve import _prepare, generate, solve_ode
+from ._solve import _prepare, generate, solve_ode, span
 
 
 def _span(field, kwargs):
-    t1 = kwargs.pop("t_noise", None)
-    t0 = kwargs.pop("t_data", None)
-    t1 = field.path.t_noise if t1 is None else t1
-    t0 = field.path.t_data if t0 is None else t0
-    return t1, t0
+    return span(field, kwargs.pop("t_noise", None), kwargs.pop("t_data", None))
 
 
 def log_det_generation(

@@ -162,6 +162,25 @@ def _prepare(field, x, t_start, t_end, what):
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{what}: input contains NaN or inf.")
 
 
+def span(field: AbstractField, t_noise=None, t_data=None) -> tuple:
+    """`(t_noise, t_data)`: the path's ends unless overridden."""
+    return (
+        field.path.t_noise if t_noise is None else t_noise,
+        field.path.t_data if t_data is None else t_data,
+    )
+
+
+def _pf_ode(field, y, what, *, t_noise, t_data, **solve_kwargs):
+    """The PF-ODE from one end of the span to the other: towards the data for
+    `generate`, towards the noise for `invert`."""
+    t1, t0 = span(field, t_noise, t_data)
+    start, end = (t1, t0) if what == "generate" else (t0, t1)
+    y = _prepare(field, y, start, end, what)
+    return solve_ode(
+        lambda t, y: field.velocity_unchecked(y, t), y, start, end, what=what, **solve_kwargs
+    )
+
+
 def generate(
     field: AbstractField,
     z: Float[Array, " n"],
@@ -194,21 +213,18 @@ def generate(
 
     **Returns:** `G(z)`, shape `(n,)`.
     """
-    t1 = field.path.t_noise if t_noise is None else t_noise
-    t0 = field.path.t_data if t_data is None else t_data
-    z = _prepare(field, z, t1, t0, "generate")
-    return solve_ode(
-        lambda t, y: field.velocity_unchecked(y, t),
+    return _pf_ode(
+        field,
         z,
-        t1,
-        t0,
+        "generate",
+        t_noise=t_noise,
+        t_data=t_data,
         solver=solver,
         steps=steps,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
         adjoint=adjoint,
-        what="generate",
     )
 
 
@@ -227,21 +243,18 @@ def invert(
 ) -> Float[Array, " n"]:
     """The inversion map `G^{-1}(x)`: the PF-ODE from the data end to the noise end
     (paper 000 Def. 2.1). Arguments as for `generate`."""
-    t1 = field.path.t_noise if t_noise is None else t_noise
-    t0 = field.path.t_data if t_data is None else t_data
-    x = _prepare(field, x, t0, t1, "invert")
-    return solve_ode(
-        lambda t, y: field.velocity_unchecked(y, t),
+    return _pf_ode(
+        field,
         x,
-        t0,
-        t1,
+        "invert",
+        t_noise=t_noise,
+        t_data=t_data,
         solver=solver,
         steps=steps,
         rtol=rtol,
         atol=atol,
         max_steps=max_steps,
         adjoint=adjoint,
-        what="invert",
     )
 
 
