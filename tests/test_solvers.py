@@ -123,3 +123,28 @@ def test_reverse_sde_matches_gaussian_law():
     np.testing.assert_allclose(np.cov(np.asarray(xs).T), cov, atol=0.1 * np.max(np.abs(cov)) + 0.02)
     again = jf.sample_sde(field, zs[0], keys[0], steps=400)
     np.testing.assert_array_equal(again, jf.sample_sde(field, zs[0], keys[0], steps=400))
+
+
+def test_batch_map_equals_vmap_with_partial_chunk():
+    field = _toy_field()
+    zs = jax.random.normal(jax.random.PRNGKey(2), (37, 2))
+
+    def fn(z):
+        return jf.generate_with_jacobian(field, z, rtol=1e-8, atol=1e-8)
+
+    a = jax.jit(lambda zs: jf.batch_map(fn, zs, batch_size=8))(zs)
+    b = jax.jit(jax.vmap(fn))(zs)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size"):
+        jf.batch_map(fn, zs, batch_size=0)
+
+
+def test_variational_jacobian_equals_jacfwd_through_the_solver():
+    field = jf.AnalyticField(make_mixture(np.random.default_rng(6), 3, 3, "full"), jf.Cosine())
+    z = jnp.array([0.4, -1.1, 0.3])
+    x, jac = jf.generate_with_jacobian(field, z, **SOLVE)
+    np.testing.assert_allclose(x, jf.generate(field, z, **SOLVE), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(
+        jac, jax.jacfwd(lambda y: jf.generate(field, y, **SOLVE))(z), rtol=1e-6, atol=1e-8
+    )
