@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._fields import AbstractField, AnalyticField, _divergence
 from ._instability import log_abs_det_jacobian
-from ._solve import _prepare, generate, solve_ode, span
+from ._solve import _prepare, generate, invert, solve_ode, span
 
 
 def _span(field, kwargs):
@@ -147,8 +147,6 @@ def instability_probability(
     - `M`: one threshold or several.
     - `**solve_kwargs`: for the inversion, as for `jf.invert`.
     """
-    from ._solve import invert
-
     if not isinstance(field, AnalyticField):
         raise ValueError("instability_probability needs an AnalyticField (closed-form p_gen).")
     x = jnp.asarray(x)

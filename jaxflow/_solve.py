@@ -159,6 +159,14 @@ def _prepare(field, x, t_start, t_end, what):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     _check_span(field, t_start, t_end)
+    path = field.path
+    for t in (t_start, t_end):
+        if not isinstance(t, (int, float)):  # only known under jit
+            x = eqx.error_if(
+                x,
+                (t < path.t_data) | (t > path.t_noise),
+                f"{what}: a time is outside the path's range [t_data, t_noise].",
+            )
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{what}: input contains NaN or inf.")
 
 

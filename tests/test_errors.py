@@ -107,6 +107,8 @@ def test_nan_and_time_errors_under_jit(field):
         jax.jit(lambda x, t: field.velocity(x, t))(jnp.zeros(2), 1.5)
     with pytest.raises(Exception, match="outside the path's range"):
         field.score(jnp.zeros(2), -0.1)
+    with pytest.raises(Exception, match="outside the path's range"):
+        jax.jit(lambda z, t: jf.generate(field, z, t_noise=t))(jnp.zeros(2), 1.5)
     with pytest.raises(Exception, match="NaN"):
         field.denoise(jnp.array([jnp.inf, 0.0]), 0.5)
 
