@@ -72,10 +72,17 @@ def main():
     parser.add_argument("--grid", type=int, default=201)
     parser.add_argument("--scipy-points", type=int, default=300)
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32"],
+        help="jaxflow's dtype (scipy always runs in float64)",
+    )
     args = parser.parse_args()
 
-    field = jf.AnalyticField(jf.fig3_mixture(jnp.float64), jf.RectifiedFlow())
-    axis = jnp.linspace(-1.0, 1.0, args.grid)
+    dtype = jnp.dtype(args.dtype)
+    field = jf.AnalyticField(jf.fig3_mixture(dtype), jf.RectifiedFlow())
+    axis = jnp.linspace(-1.0, 1.0, args.grid, dtype=dtype)
     zs = jnp.stack(jnp.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
     npts = zs.shape[0]
 
@@ -107,9 +114,9 @@ def main():
 
     rng = np.random.default_rng(0)
     subset = rng.choice(npts, size=min(args.scipy_points, npts), replace=False)
-    v = numpy_velocity(field.law)
+    v = numpy_velocity(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), field.law))
     t0 = time.perf_counter()
-    ref = [scipy_point(v, np.asarray(zs[i])) for i in subset]
+    ref = [scipy_point(v, np.asarray(zs[i], np.float64)) for i in subset]
     scipy_s = time.perf_counter() - t0
     scipy_rate = len(subset) / scipy_s
     print(
@@ -120,7 +127,7 @@ def main():
 
     t0 = time.perf_counter()
     for i in subset:
-        solve_ivp(v, (1.0, 0.0), np.asarray(zs[i]), method="RK45", rtol=RTOL, atol=ATOL)
+        solve_ivp(v, (1.0, 0.0), np.asarray(zs[i], np.float64), method="RK45", rtol=RTOL, atol=ATOL)
     scipy_g_rate = len(subset) / (time.perf_counter() - t0)
     print(f"scipy solve_ivp RK45 loop, G alone: {scipy_g_rate:,.1f} points/s")
 
@@ -144,6 +151,7 @@ def main():
         )
     summary = dict(
         grid=args.grid,
+        dtype=args.dtype,
         points=npts,
         rtol=RTOL,
         atol=ATOL,
