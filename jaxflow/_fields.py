@@ -43,11 +43,18 @@ class AbstractField(eqx.Module):
         """`(D(x, t), s(x, t))`: the posterior mean of the data and the score."""
 
     def velocity_unchecked(self, x, t):
+        return self._velocity_and_score(x, t)[0]
+
+    def reverse_drift_unchecked(self, x, t):
+        v, s = self._velocity_and_score(x, t)
+        return v - 0.5 * self.path.diffusion_squared(t).astype(x.dtype) * s
+
+    def _velocity_and_score(self, x, t):
         d, s = self.denoise_and_score(x, t)
         # Path coefficients follow the time's dtype; keep the state's (float32 stays float32).
         da = self.path.d_alpha(t).astype(x.dtype)
         ssd = self.path.sigma_d_sigma(t).astype(x.dtype)
-        return da * d - ssd * s
+        return da * d - ssd * s, s
 
     def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         """Denoiser `D(x, t) = E[X | X_t = x]`."""
@@ -70,10 +77,7 @@ class AbstractField(eqx.Module):
 
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
         """
-        x = _check_time(self.path, x, t)
-        s = self.denoise_and_score(x, t)[1]
-        g2 = self.path.diffusion_squared(t).astype(x.dtype)
-        return self.velocity_unchecked(x, t) - 0.5 * g2 * s
+        return self.reverse_drift_unchecked(_check_time(self.path, x, t), t)
 
     def divergence(
         self,

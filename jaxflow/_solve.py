@@ -316,9 +316,7 @@ def sample_sde(
 
     def drift(tau, y, args):
         t = t1 - tau
-        s = field.denoise_and_score(y, t)[1]
-        g2 = path.diffusion_squared(t).astype(y.dtype)
-        return -(field.velocity_unchecked(y, t) - 0.5 * g2 * s)
+        return -field.reverse_drift_unchecked(y, t)
 
     def diffusion(tau, y, args):
         g = jnp.sqrt(path.diffusion_squared(t1 - tau)).astype(y.dtype)
