@@ -7,6 +7,8 @@ and the instability measures of paper 000.
 
 import importlib.metadata
 
+from ._batching import batch_map as batch_map
+from ._examples import fig3_mixture as fig3_mixture
 from ._fields import AbstractField as AbstractField
 from ._fields import AnalyticField as AnalyticField
 from ._instability import SegmentBound as SegmentBound
@@ -42,5 +44,3 @@ try:
     __version__ = importlib.metadata.version("jaxflow")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
-from ._batching import batch_map as batch_map
-from ._examples import fig3_mixture as fig3_mixture

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 from ._laws import GaussianMixture
 
 #: Paper 000 Fig. 3 gives no parameters. We use three isotropic components with
-#: variance 0.01 around a low-density centre: two of weight 1/4 above, one of
-#: weight 1/2 below. The lower mode's basin in noise space is then (nearly) the
-#: half-plane y < 0, so the basins meet along y = 0 through the centre of the
-#: grid and the generation map stretches the central region along y (Fig. 3(b));
-#: the two upper basins meet along x = 0, y > 0.
+#: variance 0.01 around a low-density centre: two of weight 0.3 above, one of
+#: weight 0.4 below. The boundary between the lower mode's basin and the upper
+#: two then crosses x = 0 near y = 0.05 in noise space (a shallow arch that falls
+#: to y ~ -0.3 at the sides), so the generation map stretches the central region
+#: along y (Fig. 3(b)); the two upper basins meet along x = 0 above it.
 FIG3_WEIGHTS = (0.3, 0.3, 0.4)
 FIG3_MEANS = ((-0.5, 0.5), (0.5, 0.5), (0.0, -0.5))
 FIG3_VARIANCE = 0.01

@@ -20,9 +20,16 @@ from ._laws import AbstractLaw
 from ._paths import AbstractPath
 
 
-def _check_time(path: AbstractPath, x, t):
+def check_time_in_range(path: AbstractPath, x, t, what: str = "time t"):
+    """`eqx.error_if` on `x` when a (traced) time lies outside the path's range."""
     bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
-    x = eqx.error_if(x, bad, "time t is outside the path's range [t_data, t_noise]; clip t to it.")
+    return eqx.error_if(
+        x, bad, f"{what} is outside the path's range [t_data, t_noise]; clip it to it."
+    )
+
+
+def _check_time(path: AbstractPath, x, t):
+    x = check_time_in_range(path, x, t)
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
 
 

@@ -146,15 +146,19 @@ class GaussianMixture(AbstractLaw):
             return jax.vmap(jnp.diag)(self.eigvals)
         return jnp.einsum("kij,kj,klj->kil", self.eigvecs, self.eigvals, self.eigvecs)
 
-    def posterior(self, x, alpha, sigma):
+    def _components(self, x, alpha, sigma):
+        """Responsibilities `r_k` and per-component scores `s_k` and denoisers `D_k`."""
         logits, yc = _mixture_terms(
             jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
         )
-        r = jax.nn.softmax(logits)
-        score = -_to_standard_basis(self.eigvecs, yc)  # (K, n)
+        score_k = -_to_standard_basis(self.eigvecs, yc)  # (K, n)
         # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k)
-        d = self.means + alpha * _to_standard_basis(self.eigvecs, self.eigvals * yc)
-        return r @ d, r @ score
+        d_k = self.means + alpha * _to_standard_basis(self.eigvecs, self.eigvals * yc)
+        return jax.nn.softmax(logits), score_k, d_k
+
+    def posterior(self, x, alpha, sigma):
+        r, score_k, d_k = self._components(x, alpha, sigma)
+        return r @ d_k, r @ score_k
 
     def marginal_log_prob(self, x, alpha, sigma):
         logits, _ = _mixture_terms(
@@ -171,14 +175,9 @@ class GaussianMixture(AbstractLaw):
         move with `grad r_k = r_k (s_k - s)`, so
         `div v = sum_k r_k tr A_k + sum_k r_k (s_k - s) . v_k`.
         """
-        logits, yc = _mixture_terms(
-            jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
-        )
-        r = jax.nn.softmax(logits)
+        r, score_k, d_k = self._components(x, alpha, sigma)
         c = alpha**2 * self.eigvals + sigma**2
         trace = jnp.sum((alpha * d_alpha * self.eigvals + sigma_d_sigma) / c, -1)
-        score_k = -_to_standard_basis(self.eigvecs, yc)
-        d_k = self.means + alpha * _to_standard_basis(self.eigvecs, self.eigvals * yc)
         v_k = d_alpha * d_k - sigma_d_sigma * score_k
         score = r @ score_k
         return r @ trace + jnp.sum(r * jnp.sum((score_k - score) * v_k, -1))

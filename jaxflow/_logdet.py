@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fields import AbstractField, AnalyticField, _divergence
+from ._fields import AbstractField, AnalyticField, _divergence, _divergence_method
 from ._instability import log_abs_det_jacobian
 from ._solve import _prepare, generate, invert, solve_ode, span
 
@@ -60,8 +60,6 @@ def log_det_generation(
             z, path.alpha(t1), path.sigma(t1)
         ) - field.law.marginal_log_prob(x, path.alpha(t0), path.sigma(t0))
     if divergence != "auto" or key is not None:
-        from ._fields import _divergence_method
-
         _divergence_method(field, key, divergence)  # argument errors before tracing
     if route != "divergence":
         raise ValueError(f"route must be 'divergence', 'density' or 'dense', got {route!r}.")

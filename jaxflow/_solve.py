@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fields import AbstractField
+from ._fields import AbstractField, check_time_in_range
 
 _NAMED_SOLVERS = {
     "euler": diffrax.Euler,
@@ -159,14 +159,9 @@ def _prepare(field, x, t_start, t_end, what):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     _check_span(field, t_start, t_end)
-    path = field.path
     for t in (t_start, t_end):
         if not isinstance(t, (int, float)):  # only known under jit
-            x = eqx.error_if(
-                x,
-                (t < path.t_data) | (t > path.t_noise),
-                f"{what}: a time is outside the path's range [t_data, t_noise].",
-            )
+            x = check_time_in_range(field.path, x, t, f"{what}: a time")
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{what}: input contains NaN or inf.")
 
 
@@ -312,7 +307,7 @@ def sample_sde(
     z = _prepare(field, z, t1, t0, "sample_sde")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}.")
-    span = t1 - t0
+    length = t1 - t0
 
     def drift(tau, y, args):
         t = t1 - tau
@@ -322,14 +317,14 @@ def sample_sde(
         g = jnp.sqrt(path.diffusion_squared(t1 - tau)).astype(y.dtype)
         return lx.DiagonalLinearOperator(g * jnp.ones_like(y))
 
-    dt = span / steps
-    bm = diffrax.VirtualBrownianTree(0.0, span, tol=dt / 4, shape=z.shape, key=key)
+    dt = length / steps
+    bm = diffrax.VirtualBrownianTree(0.0, length, tol=dt / 4, shape=z.shape, key=key)
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
     sol = diffrax.diffeqsolve(
         terms,
         diffrax.Euler() if solver is None else _get_solver(solver),
         t0=0.0,
-        t1=span,
+        t1=length,
         dt0=dt,
         y0=z,
         saveat=diffrax.SaveAt(t1=True),
