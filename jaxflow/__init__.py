@@ -28,6 +28,7 @@ from ._logdet import InstabilityProbability as InstabilityProbability
 from ._logdet import amplified_error_bound as amplified_error_bound
 from ._logdet import generate_with_jacobian as generate_with_jacobian
 from ._logdet import instability_probability as instability_probability
+from ._logdet import invert_with_log_det as invert_with_log_det
 from ._logdet import log_det_generation as log_det_generation
 from ._paths import AbstractPath as AbstractPath
 from ._paths import Cosine as Cosine

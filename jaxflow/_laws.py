@@ -452,6 +452,20 @@ class GaussianNeighbours(AbstractLaw):
         z = jax.random.normal(kz, shape + (self.dim,), dtype=self.lower.dtype)
         return box + self.widths[comp][..., None] * z
 
+    def own_box_mass(self) -> Float[Array, " m"]:
+        """`alpha_i = int_{B_i} f_i * g_{w_i}`: the mass each component keeps inside its
+        own box (paper 000 Assumption 4.4.4 asks for it to stay bounded below as n grows).
+
+        Per coordinate, a uniform on `[0, b]` blurred by `N(0, w^2)` stays in `[0, b]`
+        with probability `q(beta) = erf(beta / sqrt 2) + (2 / beta)(phi(beta) -
+        phi(0))`, `beta = b / w`; the coordinates are independent, so `alpha_i` is the
+        product of the `q`, formed in log space.
+        """
+        beta = (self.upper - self.lower) / self.widths[:, None]
+        phi = jax.scipy.stats.norm.pdf
+        q = jax.scipy.special.erf(beta / math.sqrt(2)) + 2 / beta * (phi(beta) - phi(0.0))
+        return jnp.exp(jnp.sum(jnp.log(q), -1))
+
     def min_box_distance(self) -> Float[Array, ""]:
         """`d_min`: the smallest Euclidean distance between two boxes (Assumption 4.4)."""
         gap = jnp.maximum(

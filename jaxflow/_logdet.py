@@ -66,16 +66,45 @@ def log_det_generation(
     kwargs = dict(solve_kwargs)
     t1, t0 = _span(field, kwargs)
     z = _prepare(field, z, t1, t0, "log_det_generation")
+    _, logdet = _solve_with_divergence(
+        field, z, t1, t0, key, divergence, "log_det_generation", kwargs
+    )
+    return logdet
 
+
+def _solve_with_divergence(field, y0, start, end, key, divergence, what, kwargs):
+    # d/dt log|det dx_t/dx_start| = div v(x_t, t) (paper 000 eq. A29), integrated from 0.
     def rhs(t, y):
         x, _ = y
         v = field.velocity_unchecked(x, t)
         return v, _divergence(field, x, t, key, divergence)
 
-    _, logdet = solve_ode(
-        rhs, (z, jnp.zeros((), z.dtype)), t1, t0, what="log_det_generation", **kwargs
-    )
-    return logdet
+    return solve_ode(rhs, (y0, jnp.zeros((), y0.dtype)), start, end, what=what, **kwargs)
+
+
+def invert_with_log_det(
+    field: AbstractField,
+    x: Float[Array, " n"],
+    *,
+    key: PRNGKeyArray | None = None,
+    divergence: str = "auto",
+    **solve_kwargs,
+) -> tuple[Float[Array, " n"], Float[Array, ""]]:
+    """`(G^{-1}(x), log|det J_{G^{-1}}(x)|)` from one solve of the inversion with
+    `d l / dt = div v(x_t, t)` alongside (paper 000 Lemma D.1).
+
+    `-log|det J_{G^{-1}}(x)| = log|det J_G(z)|` at `z = G^{-1}(x)`. Where `G` expands
+    enormously, this is the route to trust: regenerating from `z` does not return to
+    `x` (the instability itself), so anything measured along the generation from `z`
+    follows another trajectory, and a dense Jacobian of the inversion loses its small
+    singular values to round-off. Keywords as for `log_det_generation`.
+    """
+    if divergence != "auto" or key is not None:
+        _divergence_method(field, key, divergence)
+    kwargs = dict(solve_kwargs)
+    t1, t0 = _span(field, kwargs)
+    x = _prepare(field, x, t0, t1, "invert_with_log_det")
+    return _solve_with_divergence(field, x, t0, t1, key, divergence, "invert_with_log_det", kwargs)
 
 
 def generate_with_jacobian(
@@ -116,6 +145,8 @@ class InstabilityProbability(eqx.Module):
     - `delta`: empirical `pi_real(|G^{-1}(x)|^2 > 2n + 3 sqrt(2n))` (eq. 9).
     - `bound`: `1 - eps - delta`; the theorem says `p_m >= bound`.
     - `log_ebar`: `log Ebar_G(G^{-1}(x))` per sample.
+    - `noise_norm2`: `|G^{-1}(x)|^2` per sample (delta counts those above
+      `2n + 3 sqrt(2n)`).
     """
 
     M: Float[Array, " m"]
@@ -124,6 +155,7 @@ class InstabilityProbability(eqx.Module):
     delta: Float[Array, ""]
     bound: Float[Array, " m"]
     log_ebar: Float[Array, " N"]
+    noise_norm2: Float[Array, " N"]
 
 
 def instability_probability(
@@ -165,9 +197,16 @@ def instability_probability(
     p_m = jnp.mean(log_ebar[None, :] > jnp.log(M)[:, None], axis=1, dtype=x.dtype)
     threshold = -0.5 * n * jnp.log(2 * jnp.pi * M**2) - 0.5 * radius2
     eps = jnp.mean(log_gen[None, :] >= threshold[:, None], axis=1, dtype=x.dtype)
-    delta = jnp.mean(jnp.sum(z**2, -1) > radius2, dtype=x.dtype)
+    norm2 = jnp.sum(z**2, -1)
+    delta = jnp.mean(norm2 > radius2, dtype=x.dtype)
     return InstabilityProbability(
-        M=M, p_m=p_m, eps=eps, delta=delta, bound=1 - eps - delta, log_ebar=log_ebar
+        M=M,
+        p_m=p_m,
+        eps=eps,
+        delta=delta,
+        bound=1 - eps - delta,
+        log_ebar=log_ebar,
+        noise_norm2=norm2,
     )
 
 

@@ -1,7 +1,5 @@
 """Paper 000 Theorem 4.1 on mixtures of Gaussian neighbours in several dimensions."""
 
-import itertools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,6 +7,8 @@ import numpy as np
 import pytest
 
 import jaxflow as jf
+from jaxflow._examples import sparse_neighbours as assumption_4_4_neighbours
+from jaxflow._examples import tiling_neighbours, width_for_box_mass
 
 
 def sparse_neighbours(n, m=3, side=0.05, width=0.01, seed=0):
@@ -22,20 +22,9 @@ def _estimate(field, x, M):
     return jf.instability_probability(field, x, M, rtol=1e-6, atol=1e-6)
 
 
-def grid_neighbours(n, k, width, side=0.02):
-    """k^n small boxes on a regular grid of [0,1]^n: low density between boxes,
-    while the basins of the boxes tile noise space, so G^{-1}(x) stays moderate."""
-    c = (np.arange(k) + 0.5) / k
-    centres = np.array(list(itertools.product(c, repeat=n)))
-    m = len(centres)
-    return jf.GaussianNeighbours(
-        np.full(m, 1 / m), centres - side / 2, centres + side / 2, np.full(m, width)
-    )
-
-
 @pytest.mark.parametrize("n,k", [(2, 8), (3, 5), (4, 4)])
 def test_empirical_probability_respects_a_non_vacuous_bound(n, k):
-    field = jf.AnalyticField(grid_neighbours(n, k, 0.01), jf.RectifiedFlow())
+    field = jf.AnalyticField(tiling_neighbours(n, k, 0.01), jf.RectifiedFlow())
     x = jax.random.uniform(jax.random.PRNGKey(n), (128, n))
     M = jnp.array([1.0, 2.0, 5.0])
     r = _estimate(field, x, M)
@@ -79,3 +68,30 @@ def test_m0_grows_as_widths_shrink():
     n = 64
     expect = np.exp((d / np.sqrt(n)) ** 2 / (8 * 0.01) + np.log(0.01) + 2 + 3 * np.sqrt(2 / n))
     np.testing.assert_allclose(m0, expect, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_own_box_mass_matches_monte_carlo(n):
+    rng = np.random.default_rng(n)
+    lower = rng.uniform(-1, 1, (2, n))
+    law = jf.GaussianNeighbours(
+        [0.5, 0.5], lower, lower + rng.uniform(0.05, 0.3, (2, n)), [0.02, 0.05]
+    )
+    # each component alone: a one-box law with the same box and width
+    for i in range(2):
+        one = jf.GaussianNeighbours(
+            [1.0], law.lower[i : i + 1], law.upper[i : i + 1], law.widths[i : i + 1]
+        )
+        xi = one.sample(jax.random.PRNGKey(100 + i), (200_000,))
+        inside = np.mean(np.all((xi >= law.lower[i]) & (xi <= law.upper[i]), -1))
+        mass = float(law.own_box_mass()[i])
+        assert abs(inside - mass) < 4 * np.sqrt(mass * (1 - mass) / 200_000) + 1e-9
+
+
+@pytest.mark.parametrize("n", [2, 64, 1024])
+def test_assumption_4_4_law_keeps_its_box_mass_as_n_grows(n):
+    law = assumption_4_4_neighbours(n, m=3, side=0.05, alpha=0.5, seed=n)
+    np.testing.assert_allclose(law.own_box_mass(), 0.5, rtol=1e-9)
+    assert float(law.min_box_distance()) >= 0.05  # separated boxes
+    assert float(law.widths[0]) == pytest.approx(width_for_box_mass(n, 0.05, 0.5))
+    assert np.all(np.asarray(law.lower) >= 0.1) and np.all(np.asarray(law.upper) <= 0.9)
