@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +45,94 @@ def test_instability_map(tmp_path):
     assert all(v < 1 for v in res["E_y_at_corners"].values())
     for name in ("n_x", "n_y"):
         assert res["panel_c"][name]["bound_respected_where_condition_holds"]
+
+
+@pytest.mark.slow
+def test_reconstruction_vs_instability(tmp_path):
+    res = run_example("reconstruction_vs_instability", tmp_path)["results"]
+    for solver in ("euler", "heun"):
+        d = res["per_solver"][solver]
+        for key in ("R_vs_E_perturbation", "R_vs_E_exact"):
+            for stat in ("pearson", "spearman"):
+                s = d["correlations_of_logs"][key][stat]
+                # positive, significant, and the bootstrap interval excludes zero
+                assert s["r"] > 0.2 and s["p_value"] < 1e-3 and s["bootstrap_95"][0] > 0, (
+                    solver,
+                    key,
+                    stat,
+                    s,
+                )
+        # unstable points reconstruct worse than stable ones
+        assert d["median_R_where_E_gt_1"] > d["median_R_where_E_le_1"]
+        # the paper's perturbation estimate tracks the exact coefficient
+        assert d["E_perturbation_vs_exact_median_rel_diff"] < 0.1
+    # a second-order solver reconstructs better at the same step count
+    assert res["per_solver"]["heun"]["median_R"] < res["per_solver"]["euler"]["median_R"]
+
+
+@pytest.mark.slow
+def test_instability_vs_dimension(tmp_path):
+    rec = run_example("instability_vs_dimension", tmp_path)
+    res = rec["results"]
+    dims = rec["settings"]["dims"]
+    assert dims == sorted(dims) and len(dims) >= 3
+    for row in res["sweep"]:
+        # Theorem 4.1 at every n and M, eps and delta from the same samples
+        assert all(p >= b - 1e-12 for p, b in zip(row["P_M"], row["bound"], strict=True))
+        assert abs(row["own_box_mass"] - rec["settings"]["law"]["own_box_mass"]) < 1e-6
+    assert res["bound_respected_everywhere"]
+    # P_M rises with n, to (nearly) one
+    assert all(res["P_M_non_decreasing_in_n"])
+    first, last = res["sweep"][0], res["sweep"][-1]
+    assert all(b > a for a, b in zip(first["P_M"], last["P_M"], strict=True))
+    assert last["P_M"][0] >= 0.9
+    # Theorem 4.3's eps -> 0 holds; widths shrink so M_0 grows
+    assert all(e == 0 for e in last["eps"])
+    assert last["width"] < first["width"] and last["M0"] > first["M0"]
+    # Ebar's change of variables agrees with the divergence integral along the inversion
+    for row in res["dense_check"]:
+        assert row["max_abs_diff_divergence_vs_density"] < 1e-5
+        assert row["max_abs_diff_divergence_vs_sweep"] < 1e-2 * row["n"]
+    for row in res["tolerance_check"]:
+        assert row["same_side_of_every_M"] and row["max_rel_diff"] < 1e-2
+    # the control law, where delta is small, makes the bound informative
+    assert any(c["bound"][0] > 0.2 for c in res["control"])
+
+
+@pytest.mark.slow
+def test_error_amplification(tmp_path):
+    res = run_example("error_amplification", tmp_path)["results"]
+    assert res["all_checks_pass"]
+    for row in res["by_step"]:
+        c = row["checks"]
+        assert c["inverted_error_within_euler_bound"] and c["gronwall_log_C_le_L"]
+        assert c["U_ge_eq5"] and c["precise_error_le_U"]
+        # error = C |zhat - z| to first order, for the typical point
+        assert abs(row["median_ratio_error_over_C_times_inverted_error"] - 1) < 0.05
+        assert row["fraction_C_gt_1"] > 0.05  # some points are amplified
+    # Euler's inverted-noise error is first order in h
+    assert 0.8 < res["fitted_order_inverted_noise_error"] < 1.2
+
+
+def test_correlation_statistics_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import _stats
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(300)
+    y = 0.3 * x + rng.standard_normal(300)
+    y[:20] = np.round(y[:20])  # ties for the ranks
+    x[10:30] = 1.0
+    np.testing.assert_allclose(_stats.ranks(x), stats.rankdata(x))
+    np.testing.assert_allclose(_stats.pearson(x, y), stats.pearsonr(x, y)[0], rtol=1e-12)
+    np.testing.assert_allclose(_stats.spearman(x, y), stats.spearmanr(x, y)[0], rtol=1e-12)
+    # Fisher-z p-value against the exact t-based one: same order of magnitude at n = 300
+    r = _stats.pearson(x, y)
+    exact = stats.pearsonr(x, y)[1]
+    assert 1e-12 < exact < 1e-3
+    assert abs(np.log10(_stats.fisher_p_value(r, 300)) - np.log10(exact)) < 0.2
+    lo, hi = _stats.bootstrap_interval(_stats.pearson, x, y, rng, 500)
+    assert lo < r < hi
