@@ -328,6 +328,7 @@ def plot(rec, args, dims, Ms, rows, dense_rows, control, samples):
         ax.axhline(np.log(m), color=c, lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=min(-3.0, 2 * q25.min()))
     ax.set(
         xlabel="dimension n",
         ylabel="log scale (symlog)",

@@ -129,6 +129,11 @@ def main(argv=None):
     return results
 
 
+def _p(p):
+    # erfc underflows to 0 beyond ~1e-308: say so rather than print "p = 0".
+    return "p < 1e-300" if p == 0 else f"p = {p:.1g}"
+
+
 def _scatter(ax, e, r, stats, title, colour):
     ax.scatter(e, r, s=5, alpha=0.5, color=colour, label="points")
     c, m, _ = binned_median(np.log(e), np.log(r))
@@ -140,8 +145,8 @@ def _scatter(ax, e, r, stats, title, colour):
         yscale="log",
         ylabel="reconstruction error $\\mathcal{R}(x)$",
         title=f"{title}\nPearson {pe['r']:.2f} [{pe['bootstrap_95'][0]:.2f}, "
-        f"{pe['bootstrap_95'][1]:.2f}], p = {pe['p_value']:.1g}; Spearman {sp['r']:.2f}, "
-        f"p = {sp['p_value']:.1g}",
+        f"{pe['bootstrap_95'][1]:.2f}], {_p(pe['p_value'])}; Spearman {sp['r']:.2f}, "
+        f"{_p(sp['p_value'])}",
     )
     ax.legend(fontsize=8, loc="upper left")
 
