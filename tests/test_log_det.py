@@ -103,9 +103,11 @@ def test_divergence_route_with_trace_on_neighbours_and_method_errors():
 
 
 @settings(max_examples=5, deadline=None)
-@given(n=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), path=st.sampled_from(["rf", "cos"]))
-def test_invert_with_log_det_is_minus_the_generation_log_det(n, seed, path):
-    """log|det J_{G^{-1}}(x)| = -log|det J_G(G^{-1}(x))|, and the inversion's point."""
+@given(seed=st.integers(0, 2**31 - 1), path=st.sampled_from(["rf", "cos"]))
+def test_invert_with_log_det_is_minus_the_generation_log_det(seed, path):
+    """log|det J_{G^{-1}}(x)| = -log|det J_G(G^{-1}(x))|, and the inversion's point.
+    One n, so the drawn laws share a compilation per path."""
+    n = 3
     rng = np.random.default_rng(seed)
     field = jf.AnalyticField(
         make_mixture(rng, n, 2, "full"), jf.RectifiedFlow() if path == "rf" else jf.Cosine()
