@@ -30,6 +30,10 @@ from ._logdet import generate_with_jacobian as generate_with_jacobian
 from ._logdet import instability_probability as instability_probability
 from ._logdet import invert_with_log_det as invert_with_log_det
 from ._logdet import log_det_generation as log_det_generation
+from ._lyapunov import LyapunovSpectrum as LyapunovSpectrum
+from ._lyapunov import alignment as alignment
+from ._lyapunov import lyapunov_spectrum as lyapunov_spectrum
+from ._lyapunov import lyapunov_spectrum_of_map as lyapunov_spectrum_of_map
 from ._paths import AbstractPath as AbstractPath
 from ._paths import Cosine as Cosine
 from ._paths import OrnsteinUhlenbeck as OrnsteinUhlenbeck

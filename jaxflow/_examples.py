@@ -40,6 +40,8 @@ def width_for_box_mass(n: int, side: float, alpha: float) -> float:
     `alpha`; `w` then shrinks like `side / n`, as the proof of Theorem 4.3 needs)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
+    if n < 1 or side <= 0:
+        raise ValueError(f"need n >= 1 and side > 0, got n={n}, side={side}.")
     target = math.log(alpha) / n
     lo, hi = 1e-6, 1e12  # beta = side / w; the per-coordinate mass rises with beta
     for _ in range(200):
