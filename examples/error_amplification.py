@@ -76,7 +76,7 @@ def main(argv=None):
     steps = (
         [int(s) for s in args.steps.split(",")]
         if args.steps
-        else ([10, 40, 160] if args.quick else [10, 20, 40, 80, 160, 320])
+        else ([10, 80] if args.quick else [10, 20, 40, 80, 160, 320])
     )
     times = jnp.linspace(0.0, 1.0, 201)
     rec = Record(

@@ -138,3 +138,16 @@ def test_correlation_statistics_match_scipy():
     assert abs(np.log10(_stats.fisher_p_value(r, 300)) - np.log10(exact)) < 0.2
     lo, hi = _stats.bootstrap_interval(_stats.pearson, x, y, rng, 500)
     assert lo < r < hi
+
+
+@pytest.mark.slow
+def test_moons_lyapunov(tmp_path):
+    """Paper 003: samples land on the moons, and the leading Lyapunov vector there
+    is orthogonal to the score (Def. 4.2) and tangent to the curve."""
+    res = run_example("moons_lyapunov", tmp_path)["results"]
+    assert res["median_distance_to_support"] < 0.05
+    assert res["median_alignment_score_q1"] < 0.1 and res["fraction_alignment_q1_below_0_1"] > 0.8
+    assert res["median_alignment_score_q2"] > 0.9
+    assert res["median_tangent_alignment_q1"] > 0.95
+    # score-based generation is stable along almost every path (paper 003 G.5)
+    assert res["fraction_lambda1_positive"] < 0.05 and res["median_exponents"][0] < 0
