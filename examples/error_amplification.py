@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--points", type=int, default=None, help="data points (400)")
     p.add_argument("--steps", default=None, help="comma-separated Euler step counts")
     args = p.parse_args(argv)
-    points = args.points or (48 if args.quick else 400)
+    points = args.points or (32 if args.quick else 400)
     steps = (
         [int(s) for s in args.steps.split(",")]
         if args.steps

@@ -99,7 +99,7 @@ def main(argv=None):
         if args.dims
         else ([2, 8, 16] if args.quick else [2**k for k in range(1, 11)])
     )
-    samples = args.samples or (32 if args.quick else 64)
+    samples = args.samples or (24 if args.quick else 64)
     Ms = [float(m) for m in args.M.split(",")]
     dense_dims = [n for n in dims if n <= (2 if args.quick else 8)]
     tol_dims = [] if args.quick else [max(dims)]

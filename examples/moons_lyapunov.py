@@ -52,8 +52,8 @@ def main(argv=None):
     p.add_argument("--t-start", type=float, default=0.999)
     p.add_argument("--t-end", type=float, default=1e-3, help="early stopping time Delta")
     args = p.parse_args(argv)
-    samples = args.samples or (64 if args.quick else 400)
-    steps = args.steps or (300 if args.quick else 1000)
+    samples = args.samples or (48 if args.quick else 400)
+    steps = args.steps or (200 if args.quick else 1000)
     rec = Record(
         "moons_lyapunov",
         args.out,
