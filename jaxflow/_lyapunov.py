@@ -6,6 +6,13 @@ exponents are the time averages of `log |diag R_i|` and the columns of the final
 `Q` span the most sensitive k-dimensional subbundle (paper 003 section 4,
 appendix A; DESIGN §5). Nothing of the path is stored but the per-step stretching
 factors, when asked for.
+
+Covariant Lyapunov vectors (Ginelli et al. 2007, Phys. Rev. Lett. 99, 130601)
+come from a backward pass over the `R` factors of the last steps: `C_i = R_i^{-1}
+C_{i+1}`, column-normalised, from `C = I`; the vectors are `Q C` where the pass
+ends. Unlike the orthonormal (backward) vectors they are carried into each other
+by the dynamics, `dF_i v_j(x_i) ∝ v_j(x_{i+1})`, and are the eigenvectors for a
+constant linear map.
 """
 
 import dataclasses
@@ -30,6 +37,10 @@ class LyapunovSpectrum(eqx.Module):
       frame's order, before sorting), or `None` if not saved.
     - `order`: `(k,)` the frame's column behind each sorted exponent.
     - `final_state`: the end point of the path.
+    - `covariant_vectors`: `(n, k)` unit covariant (Ginelli) vectors, column `i`
+      for `exponents[i]`, at `covariant_state`; `None` unless asked for.
+    - `covariant_state`: the point the covariant vectors belong to, the path's
+      state `covariant` steps before its end; `None` unless asked for.
     """
 
     exponents: Float[Array, " k"]
@@ -37,6 +48,8 @@ class LyapunovSpectrum(eqx.Module):
     log_stretch: Float[Array, "steps k"] | None
     order: Array
     final_state: Float[Array, " n"]
+    covariant_vectors: Float[Array, "n k"] | None = None
+    covariant_state: Float[Array, " n"] | None = None
 
 
 def _initial_frame(n, k, dtype, key, frame):
@@ -66,27 +79,63 @@ def _qr_step(step_fn, x, q, i):
     push = jax.vmap(lambda col: jax.jvp(lambda y: step_fn(y, i), (x,), (col,)), in_axes=1)
     xs, aq = push(q)
     q_new, r = jnp.linalg.qr(aq.T)
-    d = jnp.diagonal(r)
-    sign = jnp.where(d < 0, -1.0, 1.0).astype(q.dtype)
-    return xs[0], q_new * sign, jnp.log(jnp.abs(d))
+    sign = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+    # Q' S and S R with S = diag(sign) leave the product unchanged
+    return xs[0], q_new * sign, r * sign[:, None]
 
 
-def _run(step_fn, x0, q0, start, num_steps, save):
+def _run(step_fn, x0, q0, start, num_steps, save, keep_r=False):
     def body(carry, i):
         x, q, total = carry
-        x, q, log_r = _qr_step(step_fn, x, q, i)
-        return (x, q, total + log_r), (log_r if save else None)
+        x, q, r = _qr_step(step_fn, x, q, i)
+        log_r = jnp.log(jnp.abs(jnp.diagonal(r)))
+        return (x, q, total + log_r), (log_r if save else None, r if keep_r else None)
 
     k = q0.shape[1]
     init = (x0, q0, jnp.zeros(k, x0.dtype))
-    (x, q, total), log_r = jax.lax.scan(body, init, start + jnp.arange(num_steps))
-    return x, q, total, log_r
+    (x, q, total), (log_r, rs) = jax.lax.scan(body, init, start + jnp.arange(num_steps))
+    return x, q, total, log_r, rs
 
 
-def _finish(x, q, total, scale, log_r, what):
+def _ginelli(rs):
+    """Backward pass `C_i = R_i^{-1} C_{i+1}` (columns normalised) over stored
+    `R` factors, last step first, from `C = I`."""
+    k = rs.shape[-1]
+
+    def body(c, r):
+        c = jax.scipy.linalg.solve_triangular(r, c, lower=False)
+        return c / jnp.linalg.norm(c, axis=0, keepdims=True), None
+
+    c, _ = jax.lax.scan(body, jnp.eye(k, dtype=rs.dtype), rs, reverse=True)
+    return c
+
+
+def _spectrum(step_fn, x0, q0, n_transient, averaged, save, covariant, scale, what):
+    """Transient, then `averaged` steps whose last `covariant` also store `R`."""
+    x, q = x0, q0
+    if n_transient:
+        x, q, _, _, _ = _run(step_fn, x, q, 0, n_transient, False)
+    head = averaged - covariant
+    x, q, total, log_r, _ = _run(step_fn, x, q, n_transient, head, save)
+    if not covariant:
+        return _finish(x, q, total, scale, log_r, what)
+    x_cov, q_cov = x, q
+    x, q, total_tail, log_r_tail, rs = _run(
+        step_fn, x, q, n_transient + head, covariant, save, keep_r=True
+    )
+    if save:
+        log_r = jnp.concatenate([log_r, log_r_tail])
+    v = q_cov @ _ginelli(rs)
+    v = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    return _finish(x, q, total + total_tail, scale, log_r, what, v, x_cov)
+
+
+def _finish(x, q, total, scale, log_r, what, covariant=None, covariant_state=None):
     exponents = total / scale
     order = jnp.argsort(-exponents)
     bad = ~jnp.all(jnp.isfinite(exponents)) | ~jnp.all(jnp.isfinite(x))
+    if covariant is not None:
+        bad = bad | ~jnp.all(jnp.isfinite(covariant))
     exponents = eqx.error_if(
         exponents,
         bad,
@@ -99,7 +148,17 @@ def _finish(x, q, total, scale, log_r, what):
         log_stretch=log_r,
         order=order,
         final_state=x,
+        covariant_vectors=None if covariant is None else covariant[:, order],
+        covariant_state=covariant_state,
     )
+
+
+def _check_covariant(covariant, averaged):
+    if not isinstance(covariant, int) or not 0 <= covariant < averaged:
+        raise ValueError(
+            f"covariant must be an int in [0, {averaged}) (steps of the backward pass, "
+            f"fewer than the averaged steps), got {covariant!r}."
+        )
 
 
 def lyapunov_spectrum_of_map(
@@ -112,6 +171,7 @@ def lyapunov_spectrum_of_map(
     key: PRNGKeyArray | None = None,
     frame: Float[Array, "n k"] | None = None,
     save_stretch: bool = True,
+    covariant: int = 0,
 ) -> LyapunovSpectrum:
     """Finite-time Lyapunov exponents (per step) and vectors of a sequence of maps
     `x_{i+1} = step(x_i, i)` (paper 003 section 4: `dF_t E_t = E_{t+1} R_t`).
@@ -128,6 +188,10 @@ def lyapunov_spectrum_of_map(
     - `key` / `frame`: a random initial frame (from `key`) or a given `(n, k)` one;
       default the first `k` coordinate axes.
     - `save_stretch`: keep the per-step `log |diag R|` (`num_steps x k` numbers).
+    - `covariant`: if `> 0`, also the covariant (Ginelli) vectors at the state
+      `covariant` steps before the end, from a backward pass over the last
+      `covariant` steps (it stores their `k x k` `R` factors). Both passes need
+      time to converge: a `transient` before, and `covariant` long enough after.
 
     **Returns:** a `LyapunovSpectrum`.
     """
@@ -138,14 +202,21 @@ def lyapunov_spectrum_of_map(
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
     if not isinstance(transient, int) or transient < 0:
         raise ValueError(f"transient must be an int >= 0, got {transient!r}.")
+    _check_covariant(covariant, num_steps)
     n = x0.shape[0]
     k = _check_k(k, n)
     q = _initial_frame(n, k, x0.dtype, key, frame)
-    x = x0
-    if transient:
-        x, q, _, _ = _run(step, x, q, 0, transient, False)
-    x, q, total, log_r = _run(step, x, q, transient, num_steps, save_stretch)
-    return _finish(x, q, total, num_steps, log_r, "lyapunov_spectrum_of_map")
+    return _spectrum(
+        step,
+        x0,
+        q,
+        transient,
+        num_steps,
+        save_stretch,
+        covariant,
+        num_steps,
+        "lyapunov_spectrum_of_map",
+    )
 
 
 def lyapunov_spectrum(
@@ -161,6 +232,7 @@ def lyapunov_spectrum(
     key: PRNGKeyArray | None = None,
     frame: Float[Array, "n k"] | None = None,
     save_stretch: bool = True,
+    covariant: float = 0.0,
 ) -> LyapunovSpectrum:
     """Finite-time Lyapunov exponents (per unit time) and vectors of the flow of
     `dx/dt = f(x, t)` over `[t0, t1]` (paper 003 section 4, appendix C).
@@ -180,6 +252,9 @@ def lyapunov_spectrum(
     - `transient`: the first stretch of the span, `[t0, t0 + transient]`, is
       integrated to align the frame but not averaged; the exponents average over
       the rest (rounded to whole steps).
+    - `covariant`: if `> 0`, also the covariant (Ginelli) vectors at time
+      `t1 - covariant` (towards `t0`), from a backward pass over the last stretch
+      `covariant` of the span (rounded to whole steps).
     - `solver`: `'euler' | 'heun' | 'midpoint' | 'tsit5' | 'dopri5' | 'dopri8'` or a
       diffrax Runge-Kutta solver, used with fixed steps.
 
@@ -220,12 +295,22 @@ def lyapunov_spectrum(
     n = x0.shape[0]
     k = _check_k(k, n)
     q = _initial_frame(n, k, x0.dtype, key, frame)
-    x = x0
-    if n_transient:
-        x, q, _, _ = _run(step, x, q, 0, n_transient, False)
     averaged = steps - n_transient
-    x, q, total, log_r = _run(step, x, q, n_transient, averaged, save_stretch)
-    return _finish(x, q, total, abs(averaged * dt), log_r, "lyapunov_spectrum")
+    if covariant < 0:
+        raise ValueError(f"covariant must be >= 0, got {covariant}.")
+    n_covariant = int(round(covariant / abs(dt)))
+    _check_covariant(n_covariant, averaged)
+    return _spectrum(
+        step,
+        x0,
+        q,
+        n_transient,
+        averaged,
+        save_stretch,
+        n_covariant,
+        abs(averaged * dt),
+        "lyapunov_spectrum",
+    )
 
 
 def alignment(

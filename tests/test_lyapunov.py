@@ -15,19 +15,31 @@ import jaxflow as jf
 
 @jax.jit
 def _linear_flow(a, x0):
-    return jf.lyapunov_spectrum(lambda x, t: a @ x, x0, 0.0, 60.0, steps=3000, transient=10.0)
+    return jf.lyapunov_spectrum(
+        lambda x, t: a @ x, x0, 0.0, 60.0, steps=3000, transient=10.0, covariant=30.0
+    )
 
 
 @jax.jit
 def _linear_map(m, x0):
-    return jf.lyapunov_spectrum_of_map(lambda x, i: m @ x, x0, 3000, transient=100)
+    return jf.lyapunov_spectrum_of_map(
+        lambda x, i: m @ x, x0, 3000, transient=100, covariant=200
+    )
+
+
+def _assert_columns_parallel(v, w, tol):
+    v = np.asarray(v) / np.linalg.norm(v, axis=0)
+    w = np.asarray(w) / np.linalg.norm(w, axis=0)
+    np.testing.assert_allclose(np.abs(np.sum(v * w, axis=0)), 1.0, atol=tol)
 
 
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_constant_linear_systems_give_their_eigenvalues(seed):
     """dx/dt = A x: exponents are the real parts of A's eigenvalues; x -> M x:
-    the logs of |eigenvalues| (non-normal A and M: eigenvectors not orthogonal)."""
+    the logs of |eigenvalues| (non-normal A and M: eigenvectors not orthogonal).
+    The covariant (Ginelli) vectors are the eigenvectors, which the orthonormal
+    vectors are not."""
     rng = np.random.default_rng(seed)
     n = 3
     lam = np.sort(rng.uniform(-2, 1, n))[::-1] + np.array([0.6, 0.0, -0.6])  # gaps >= 0.6
@@ -36,10 +48,13 @@ def test_constant_linear_systems_give_their_eigenvalues(seed):
     r = _linear_flow(jnp.asarray(a), jnp.zeros(n))  # the path stays at 0
     np.testing.assert_allclose(r.exponents, lam, atol=0.05)
     np.testing.assert_allclose(r.vectors.T @ r.vectors, np.eye(n), atol=1e-10)
+    _assert_columns_parallel(r.covariant_vectors, p, 1e-8)
     mu = np.exp(lam / 4)
     m = p @ np.diag(mu) @ np.linalg.inv(p)
     r = _linear_map(jnp.asarray(m), jnp.zeros(n))
     np.testing.assert_allclose(r.exponents, np.log(mu), atol=0.05)
+    _assert_columns_parallel(r.covariant_vectors, p, 1e-8)
+    np.testing.assert_allclose(r.covariant_state, 0.0)
 
 
 def test_henon_map_matches_reference_values():
@@ -61,7 +76,9 @@ def test_henon_map_matches_reference_values():
 
 def test_lorenz_flow_matches_reference_values():
     """Lorenz-63 (10, 28, 8/3): (0.9056, 0, -14.5723) (Sprott 2003); the sum is
-    the constant divergence -(10 + 1 + 8/3)."""
+    the constant divergence -(10 + 1 + 8/3). The covariant vector of the zero
+    exponent is the flow direction f(x) (a shift along the orbit neither grows nor
+    decays), which no orthonormal vector need be."""
 
     def lorenz(x, t):
         return jnp.array(
@@ -70,12 +87,22 @@ def test_lorenz_flow_matches_reference_values():
 
     r = jax.jit(
         lambda x0: jf.lyapunov_spectrum(
-            lorenz, x0, 0.0, 1010.0, steps=101_000, transient=10.0, save_stretch=False
+            lorenz,
+            x0,
+            0.0,
+            1010.0,
+            steps=101_000,
+            transient=10.0,
+            save_stretch=False,
+            covariant=20.0,
         )
     )(jnp.array([1.0, 1.0, 1.0]))
     np.testing.assert_allclose(r.exponents, [0.9056, 0.0, -14.5723], atol=0.02)
     np.testing.assert_allclose(r.exponents.sum(), -(10 + 1 + 8 / 3), rtol=1e-6)
     assert r.log_stretch is None
+    flow = lorenz(r.covariant_state, 0.0)
+    _assert_columns_parallel(r.covariant_vectors[:, 1:2], flow[:, None], 1e-6)
+    assert abs(float(r.vectors[:, 1] @ flow)) / float(jnp.linalg.norm(flow)) < 0.99
 
 
 @eqx.filter_jit
@@ -154,6 +181,10 @@ def test_bad_input_raises():
         jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 0)
     with pytest.raises(ValueError, match="frame"):
         jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, k=2, frame=jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="covariant"):
+        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, covariant=5)
+    with pytest.raises(ValueError, match="covariant"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, covariant=-0.1)
     with pytest.raises(ValueError, match="column axis"):
         jf.alignment(jnp.ones(3), jnp.ones((4, 2)))
     with pytest.raises(eqx.EquinoxRuntimeError, match="non-finite"):
@@ -162,11 +193,21 @@ def test_bad_input_raises():
 
 def test_top_vector_on_the_fig3_ridge_is_the_top_singular_vector():
     """On the Fig. 3 basin boundary J_G stretches one direction ~10^3 times more
-    than the other: the top Lyapunov vector must be the top left singular vector."""
+    than the other: the top Lyapunov vector must be the top left singular vector.
+    The top right singular vector (at z) is the least stretched Lyapunov vector
+    of the inversion flow from G(z), since J_G^{-1} = V S^{-1} U^T."""
     field = jf.AnalyticField(jf.fig3_mixture(jnp.float64), jf.RectifiedFlow())
     z = jnp.array([-0.18, 0.01])
     spec, _, jac = _generation_spectrum(field, z, jnp.eye(2))
-    u, s, _ = np.linalg.svd(np.asarray(jac))
+    u, s, vt = np.linalg.svd(np.asarray(jac))
     assert s[1] / s[0] < 1e-2
     assert abs(float(u[:, 0] @ spec.vectors[:, 0])) > 1 - 1e-6
     np.testing.assert_allclose(spec.exponents.sum(), np.log(s).sum(), rtol=1e-6)
+    back = jax.jit(
+        lambda x: jf.lyapunov_spectrum(
+            lambda y, t: field.velocity(y, t), x, 0.0, 1.0, steps=1000, save_stretch=False
+        )
+    )(spec.final_state)
+    np.testing.assert_allclose(back.final_state, z, atol=1e-6)
+    assert abs(float(vt[0] @ back.vectors[:, -1])) > 1 - 1e-6
+    np.testing.assert_allclose(back.exponents.sum(), -np.log(s).sum(), rtol=1e-6)
