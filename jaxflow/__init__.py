@@ -8,6 +8,9 @@ and the instability measures of paper 000.
 import importlib.metadata
 
 from ._batching import batch_map as batch_map
+from ._ddpm import ddpm_coefficients as ddpm_coefficients
+from ._ddpm import ddpm_step as ddpm_step
+from ._ddpm import sample_ddpm as sample_ddpm
 from ._examples import fig3_mixture as fig3_mixture
 from ._fields import AbstractField as AbstractField
 from ._fields import AnalyticField as AnalyticField
