@@ -71,7 +71,7 @@ def test_dirac_target_sample_ddpm_is_theorem_2():
         # propagate mean and variance through the steps in closed form
         grid = np.linspace(T, T - s, steps + 1)
         mean, var = np.asarray(start), 0.0
-        for t, tn in zip(grid[:-1], grid[1:]):
+        for t, tn in zip(grid[:-1], grid[1:], strict=True):
             c_x, c_0, v = (float(c) for c in jf.ddpm_coefficients(field.path, t, tn))
             mean, var = c_x * mean + c_0 * np.asarray(x0), c_x**2 * var + v
         m_ref, v_ref = _theorem_2(T, s, np.asarray(start), np.asarray(x0))
