@@ -30,18 +30,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import Record, parser  # noqa: E402
+from _moons import (  # noqa: E402
+    LIMITS,
+    distance_to_nodes,
+    draw_moons,
+    em_step,
+    moons,
+    moons_axes,
+    moons_field,
+)
 
 import jaxflow as jf  # noqa: E402
-
-
-def moons(nodes_per_moon):
-    """Quadrature nodes (midpoint rule in arc length) and unit tangents."""
-    u = (np.arange(nodes_per_moon) + 0.5) / nodes_per_moon * np.pi
-    upper = np.stack([np.cos(u), np.sin(u)], -1)
-    lower = np.stack([1 - np.cos(u), 0.5 - np.sin(u)], -1)
-    t_upper = np.stack([-np.sin(u), np.cos(u)], -1)
-    t_lower = np.stack([np.sin(u), -np.cos(u)], -1)
-    return np.concatenate([upper, lower]), np.concatenate([t_upper, t_lower])
 
 
 def main(argv=None):
@@ -71,16 +70,13 @@ def main(argv=None):
         ),
     )
     nodes, tangents = moons(args.nodes)
-    field = jf.AnalyticField(jf.Empirical(jnp.asarray(nodes)), jf.Cosine())
+    field = moons_field(nodes)
     path = field.path
     h = (args.t_start - args.t_end) / steps
 
-    def em_step(x, i, noise):
-        # x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi: the reverse SDE, jaxflow's
-        # convention (DESIGN §2); i indexes the frozen noise of this path
-        t = args.t_start - i * h
-        g = jnp.sqrt(path.diffusion_squared(t))
-        return x - h * field.reverse_drift(x, t) + g * jnp.sqrt(h) * noise[i]
+    def path_step(x, i, noise):
+        # i indexes the frozen noise of this path
+        return em_step(field, x, args.t_start - i * h, h, noise[i])
 
     kz, kn = jax.random.split(jax.random.PRNGKey(args.seed))
     sigma0 = float(path.sigma(args.t_start))
@@ -90,15 +86,14 @@ def main(argv=None):
     @jax.jit
     def one(z, noise):
         spec = jf.lyapunov_spectrum_of_map(
-            lambda x, i: em_step(x, i, noise), z, steps, save_stretch=False
+            lambda x, i: path_step(x, i, noise), z, steps, save_stretch=False
         )
         x = spec.final_state
         score = field.score(x, args.t_end)
         return x, spec.exponents, spec.vectors, jf.alignment(score, spec.vectors)
 
     x, exponents, vectors, align = (np.asarray(a) for a in jax.vmap(one)(z, noise))
-    nearest = np.argmin(((x[:, None, :] - nodes[None]) ** 2).sum(-1), axis=1)
-    distance = np.linalg.norm(x - nodes[nearest], axis=1)
+    distance, nearest = distance_to_nodes(x, nodes)
     tangent_align = np.abs(np.einsum("mn,mn->m", tangents[nearest], vectors[:, :, 0]))
     results = dict(
         samples=x,
@@ -126,21 +121,15 @@ def main(argv=None):
         f"{np.round(results['median_exponents'], 3).tolist()} per step",
         flush=True,
     )
-    plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, noise, em_step, args)
+    plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, noise, path_step, args)
     out = rec.write(results)
     print(f"wrote {rec.png_path()} and {out} in {rec.data['wall_time_s']:.1f} s")
     return results
 
 
-def _draw_moons(ax, nodes, label=None):
-    half = len(nodes) // 2
-    for part, lab in ((nodes[:half], label), (nodes[half:], None)):
-        ax.plot(part[:, 0], part[:, 1], "r-", lw=0.8, label=lab)
-
-
-def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, noise, em_step, args):
+def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, noise, path_step, args):
     fig, axes = plt.subplots(2, 3, figsize=(18, 11))
-    lim = (-1.5, 2.5, -1.25, 1.75)
+    lim = LIMITS
     g = np.linspace(lim[0], lim[1], 161), np.linspace(lim[2], lim[3], 121)
     grid = jnp.stack(jnp.meshgrid(*g), -1).reshape(-1, 2)
     q = np.stack(np.meshgrid(np.linspace(lim[0], lim[1], 21), np.linspace(lim[2], lim[3], 16)), -1)
@@ -151,30 +140,16 @@ def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, nois
         s = np.asarray(jax.vmap(lambda y, t=t: field.score(y, t))(jnp.asarray(q)))
         s = s / np.linalg.norm(s, axis=1, keepdims=True)
         ax.quiver(q[:, 0], q[:, 1], s[:, 0], s[:, 1], color="k", width=0.002, scale=35)
-        _draw_moons(ax, nodes)
-        ax.set(
-            xlim=lim[:2],
-            ylim=lim[2:],
-            aspect="equal",
-            xlabel="$x_1$",
-            ylabel="$x_2$",
-            title=f"({label}) density $p_t$ and score direction at t = {t}",
-        )
+        draw_moons(ax, nodes)
+        moons_axes(ax, f"({label}) density $p_t$ and score direction at t = {t}")
     ax = axes[0, 2]
-    _draw_moons(ax, nodes, label="support (two moons)")
+    draw_moons(ax, nodes, label="support (two moons)")
     ax.scatter(x[:, 0], x[:, 1], s=4, c="k", label="generated samples")
-    ax.set(
-        xlim=lim[:2],
-        ylim=lim[2:],
-        aspect="equal",
-        xlabel="$x_1$",
-        ylabel="$x_2$",
-        title=f"(c) generated samples (EM, t: {args.t_start} to {args.t_end})",
-    )
+    moons_axes(ax, f"(c) generated samples (EM, t: {args.t_start} to {args.t_end})")
     ax.legend(fontsize=8)
 
     ax = axes[1, 0]
-    _draw_moons(ax, nodes)
+    draw_moons(ax, nodes)
     v = vectors[:, :, 0] * 0.12
     ax.quiver(
         x[:, 0] - v[:, 0] / 2,
@@ -193,20 +168,13 @@ def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, nois
     # one sample path, re-run with its frozen noise
     path = [np.asarray(z[0])]
     y = z[0]
-    step = jax.jit(lambda y, i: em_step(y, i, noise[0]))
+    step = jax.jit(lambda y, i: path_step(y, i, noise[0]))
     for i in range(noise.shape[1]):
         y = step(y, i)
         path.append(np.asarray(y))
     path = np.array(path)
     ax.plot(path[:, 0], path[:, 1], color="tab:blue", lw=0.5, alpha=0.6, label="one reverse path")
-    ax.set(
-        xlim=lim[:2],
-        ylim=lim[2:],
-        aspect="equal",
-        xlabel="$x_1$",
-        ylabel="$x_2$",
-        title="(d) leading Lyapunov vector $q_1$ at the samples",
-    )
+    moons_axes(ax, "(d) leading Lyapunov vector $q_1$ at the samples")
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]

@@ -151,3 +151,43 @@ def test_moons_lyapunov(tmp_path):
     assert res["median_tangent_alignment_q1"] > 0.95
     # score-based generation is stable along almost every path (paper 003 G.5)
     assert res["fraction_lambda1_positive"] < 0.05 and res["median_exponents"][0] < 0
+
+
+@pytest.mark.slow
+def test_moons_score_error(tmp_path):
+    """Paper 003 section 3: score errors move samples along the moons (large
+    displacements) while the mass off the moons stays near zero; the same
+    displacements in random directions would leave the support."""
+    res = run_example("moons_score_error", tmp_path)["results"]
+    for name in ("smooth", "random"):
+        sde = res["per_chi"][f"sde_{name}"]
+        assert sde[0]["eps"] == 0 and sde[0]["median_displacement"] == 0
+        for row in sde:
+            assert row["fraction_beyond"]["0.1"] <= 0.02, (name, row)
+        last = sde[-1]
+        assert last["eps"] >= 4 and last["median_displacement"] > 0.2
+        assert last["control_fraction_beyond"]["0.1"] > 0.3
+        ode = {row["eps"]: row for row in res["per_chi"][f"ode_{name}"]}
+        assert ode[1.0]["fraction_beyond"]["0.1"] <= 0.05 and ode[1.0]["median_displacement"] > 0.2
+
+
+@pytest.mark.slow
+def test_ou_memorisation(tmp_path):
+    """Paper 002: Prop. 4.3 to rounding; Theorem 2's law passes the z-tests for the
+    exact DDPM sampler; samples end on training points as the steps grow."""
+    res = run_example("ou_memorisation", tmp_path)["results"]
+    assert res["prop_4_3_max_relative_gap"] < 1e-10
+    for row in res["theorem_2"]:
+        assert row["ddpm"]["p_value"] > 1e-3, row
+        np.testing.assert_allclose(row["euler_maruyama"]["var"], row["var_eq_4_12"], rtol=0.15)
+    mem = res["memorisation"]
+    exact = mem["exact_law_median_distance"]
+    for n, per in mem["per_N"].items():
+        for sampler in ("sde", "ddpm", "ode"):
+            runs = per["runs"][sampler]
+            # with enough steps the median distance is the exact law's, far below the
+            # spacing of the training points
+            assert runs[-1]["median_distance"] < 1.5 * exact, (n, sampler, runs)
+            assert runs[-1]["median_distance"] < 0.2 * per["median_training_spacing"]
+            assert runs[-1]["median_distance_after_final_denoise"] < 1e-6
+        assert per["runs"]["ode"][0]["median_distance"] > per["runs"]["ode"][-1]["median_distance"]

@@ -22,9 +22,7 @@ def _linear_flow(a, x0):
 
 @jax.jit
 def _linear_map(m, x0):
-    return jf.lyapunov_spectrum_of_map(
-        lambda x, i: m @ x, x0, 3000, transient=100, covariant=200
-    )
+    return jf.lyapunov_spectrum_of_map(lambda x, i: m @ x, x0, 3000, transient=100, covariant=200)
 
 
 def _assert_columns_parallel(v, w, tol):

@@ -1,0 +1,60 @@
+"""The two-moons target of paper 003 (appendix G.2) shared by its examples: the
+arc-length measure on two half circles as an `Empirical` law on quadrature nodes,
+the cosine path, and Euler-Maruyama on the reverse SDE (appendix G.1)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxflow as jf
+
+LIMITS = (-1.5, 2.5, -1.25, 1.75)
+
+
+def moons(nodes_per_moon):
+    """Quadrature nodes (midpoint rule in arc length) and unit tangents:
+    upper (cos u, sin u), lower (1 - cos u, 1/2 - sin u), u in [0, pi]."""
+    u = (np.arange(nodes_per_moon) + 0.5) / nodes_per_moon * np.pi
+    upper = np.stack([np.cos(u), np.sin(u)], -1)
+    lower = np.stack([1 - np.cos(u), 0.5 - np.sin(u)], -1)
+    t_upper = np.stack([-np.sin(u), np.cos(u)], -1)
+    t_lower = np.stack([np.sin(u), -np.cos(u)], -1)
+    return np.concatenate([upper, lower]), np.concatenate([t_upper, t_lower])
+
+
+def moons_field(nodes):
+    return jf.AnalyticField(jf.Empirical(jnp.asarray(nodes)), jf.Cosine())
+
+
+def em_step(field, x, t, h, noise, score_error=None):
+    """`x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi`: one Euler-Maruyama step of
+    the reverse SDE in jaxflow's convention (DESIGN §2); a `score_error(x)` is
+    added to the score."""
+    g2 = field.path.diffusion_squared(t)
+    drift = field.reverse_drift(x, t)
+    if score_error is not None:
+        drift = drift - g2 * score_error(x)
+    return x - h * drift + jnp.sqrt(g2 * h) * noise
+
+
+def distance_to_nodes(x, nodes):
+    """Distance of each row of `x` to the nearest node, and that node's index."""
+    d2 = ((x[:, None, :] - nodes[None]) ** 2).sum(-1)
+    nearest = np.argmin(d2, axis=1)
+    return np.sqrt(d2[np.arange(len(x)), nearest]), nearest
+
+
+def draw_moons(ax, nodes, label=None):
+    half = len(nodes) // 2
+    for part, lab in ((nodes[:half], label), (nodes[half:], None)):
+        ax.plot(part[:, 0], part[:, 1], "r-", lw=0.8, label=lab)
+
+
+def moons_axes(ax, title):
+    ax.set(
+        xlim=LIMITS[:2],
+        ylim=LIMITS[2:],
+        aspect="equal",
+        xlabel="$x_1$",
+        ylabel="$x_2$",
+        title=title,
+    )
