@@ -179,7 +179,11 @@ def test_ou_memorisation(tmp_path):
     assert res["prop_4_3_max_relative_gap"] < 1e-10
     for row in res["theorem_2"]:
         assert row["ddpm"]["p_value"] > 1e-3, row
-        np.testing.assert_allclose(row["euler_maruyama"]["var"], row["var_eq_4_12"], rtol=0.15)
+        # Euler-Maruyama is tested against its own scheme's exact law, whose
+        # variance is off eq. 4.12 by an O(h) bias, largest near the data end
+        assert row["euler_maruyama"]["p_value"] > 1e-4, row
+        assert abs(row["euler_maruyama_scheme_var_bias"]) < 0.1
+    assert res["theorem_2"][-1]["euler_maruyama_scheme_var_bias"] > 0.01
     mem = res["memorisation"]
     exact = mem["exact_law_median_distance"]
     for n, per in mem["per_N"].items():
