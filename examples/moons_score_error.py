@@ -163,7 +163,10 @@ def main(argv=None):
                 if eps == 0.0:
                     base[sampler] = x
                 generated[(sampler, name, eps)] = x
-                dist, _ = distance_to_nodes(x, nodes)
+                dist, idx = distance_to_nodes(x, nodes)
+                position = idx / (len(nodes) // 2)  # along the moons, in [0, 2)
+                if eps == 0.0:
+                    base_position = position
                 shift = np.linalg.norm(x - base[sampler], axis=1)
                 control, _ = distance_to_nodes(base[sampler] + shift[:, None] * directions, nodes)
                 rows.append(
@@ -175,7 +178,11 @@ def main(argv=None):
                         control_fraction_beyond={
                             str(r): float(np.mean(control > r)) for r in RADII
                         },
-                        upper_moon_fraction=float(np.mean(_nearest_moon(x, nodes) == 0)),
+                        upper_moon_fraction=float(np.mean(idx < len(nodes) // 2)),
+                        # W1 between the laws of the position along the moons
+                        position_w1_to_unperturbed=float(
+                            np.mean(np.abs(np.sort(position) - np.sort(base_position)))
+                        ),
                     )
                 )
                 print(
@@ -183,7 +190,8 @@ def main(argv=None):
                     f"{rows[-1]['median_distance']:.4f}, beyond 0.1: "
                     f"{rows[-1]['fraction_beyond']['0.1']:.3f} (control "
                     f"{rows[-1]['control_fraction_beyond']['0.1']:.3f}), median shift "
-                    f"{rows[-1]['median_displacement']:.3f}",
+                    f"{rows[-1]['median_displacement']:.3f}, W1 along the moons "
+                    f"{rows[-1]['position_w1_to_unperturbed']:.3f}",
                     flush=True,
                 )
             results["per_chi"][f"{sampler}_{name}"] = rows
@@ -192,11 +200,6 @@ def main(argv=None):
     out = rec.write(results)
     print(f"wrote {rec.png_path()} and {out} in {rec.data['wall_time_s']:.1f} s")
     return results
-
-
-def _nearest_moon(x, nodes):
-    _, nearest = distance_to_nodes(x, nodes)
-    return (nearest >= len(nodes) // 2).astype(int)
 
 
 def _headline(results, eps_list):
@@ -210,15 +213,14 @@ def _headline(results, eps_list):
             control_fraction_beyond_0_1=last["control_fraction_beyond"]["0.1"],
             unperturbed_fraction_beyond_0_1=rows[0]["fraction_beyond"]["0.1"],
             median_displacement=last["median_displacement"],
+            position_w1_to_unperturbed=last["position_w1_to_unperturbed"],
         )
     return out
 
 
 def plot(rec, nodes, generated, results, eps_list, chis):
-    shown = [e for e in eps_list if e in (0.0, 1.0, eps_list[-1])]
-    shown = sorted(set(shown))
-    panels = [("sde", e) for e in shown] + [("ode", eps_list[-1])]
-    fig, axes = plt.subplots(2, len(panels) + 2, figsize=(4.6 * (len(panels) + 2), 9.5))
+    panels = [("sde", eps_list[-1]), ("ode", eps_list[-1])]
+    fig, axes = plt.subplots(2, 5, figsize=(23, 9.5))
     grid = np.stack(np.meshgrid(np.linspace(*LIMITS[:2], 17), np.linspace(*LIMITS[2:], 13)), -1)
     grid = grid.reshape(-1, 2)
     for row, name in enumerate(("smooth", "random")):
@@ -233,6 +235,26 @@ def plot(rec, nodes, generated, results, eps_list, chis):
             draw_moons(ax, nodes)
             ax.scatter(x[:, 0], x[:, 1], s=2, c="k", alpha=0.5)
             moons_axes(ax, f"{sampler.upper()}, score $s + {eps:g}\\,\\chi$ ({name})")
+        # where along the moons the mass sits: the nearest node's index runs along
+        # the upper moon, then the lower one
+        ax = axes[row, 3]
+        half = len(nodes) // 2
+        for eps in sorted({0.0, 1.0, eps_list[-1]} & set(eps_list)):
+            _, idx = distance_to_nodes(generated[("sde", name, eps)], nodes)
+            ax.hist(
+                idx / half,
+                bins=np.linspace(0, 2, 41),
+                histtype="step",
+                lw=1.5,
+                label=f"eps = {eps:g}",
+            )
+        ax.axvline(1.0, color="r", lw=0.8)
+        ax.set(
+            xlabel="position along the moons (0-1 upper, 1-2 lower, by arc length)",
+            ylabel="samples",
+            title=f"SDE: mass moves along the support ({name})",
+        )
+        ax.legend(fontsize=8)
         ax = axes[row, -1]
         for sampler, style in (("sde", "-"), ("ode", "--")):
             rows = results["per_chi"][f"{sampler}_{name}"]

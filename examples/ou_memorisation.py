@@ -129,8 +129,10 @@ def dirac_part(key, samples, em_steps, ddpm_steps):
         )
     )
     rows = []
-    for s in S_VALUES:
-        em, dd = em_run(keys_em, T - s), dd_run(keys_dd, T - s)
+    for i, s in enumerate(S_VALUES):
+        # fresh paths at each s, so that the tests at different s are independent
+        fresh = jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))
+        em, dd = em_run(fresh(keys_em), T - s), dd_run(fresh(keys_dd), T - s)
         mean_ref, var_ref = theorem_2(T, s, start, x0)
         mean_em, var_em = euler_maruyama_law(T, s, em_steps, start, x0)
         row = dict(
@@ -242,7 +244,9 @@ def memorisation_part(key, samples, sizes, step_counts, record_paths_n):
                     )
                 )
                 if n_points == record_paths_n and k == step_counts[-1] and sampler == "sde":
-                    traj = dict(points=pts, paths=np.asarray(xs[:6]), starts=np.asarray(z[:6]))
+                    # the last stretch, t <= 1: before it the paths are mostly noise
+                    times = np.geomspace(path.t_noise, T_MIN, k + 1)[1:]
+                    traj = dict(points=pts, paths=np.asarray(xs[:8, times <= 1.0]))
             per["runs"][sampler] = rows
             print(
                 f"N = {n_points:4d} {sampler:4s}: median distance to the nearest training point "
@@ -357,15 +361,15 @@ def plot(rec, results, traj):
     g = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
     cell = np.argmin(((g[:, None] - pts[None]) ** 2).sum(-1), axis=1).reshape(301, 301)
     ax.imshow(cell, extent=(-2.5, 2.5, -2.5, 2.5), origin="lower", cmap="Pastel1", alpha=0.8)
-    for start, path in zip(traj["starts"], traj["paths"], strict=True):
-        full = np.vstack([start[None], path])
+    for full in traj["paths"]:
+        ax.plot(full[0, 0], full[0, 1], "o", color="tab:blue", ms=4)
         ax.plot(full[:, 0], full[:, 1], lw=0.6, color="tab:blue", alpha=0.7)
     ax.scatter(pts[:, 0], pts[:, 1], c="k", s=40, marker="*", zorder=3, label="training points")
     ax.set(
         xlim=(-2.5, 2.5),
         ylim=(-2.5, 2.5),
         aspect="equal",
-        title="(d) Fig. 10: reverse SDE paths end in Voronoi cells' points",
+        title="(d) Fig. 10: SDE paths from t = 1 (dots) end on training points",
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Paper 002: the OU path's reverse dynamics, the DDPM step and memorisation")

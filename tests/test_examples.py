@@ -166,6 +166,7 @@ def test_moons_score_error(tmp_path):
             assert row["fraction_beyond"]["0.1"] <= 0.02, (name, row)
         last = sde[-1]
         assert last["eps"] >= 4 and last["median_displacement"] > 0.2
+        assert last["position_w1_to_unperturbed"] > 0.05  # the law moves along the moons
         assert last["control_fraction_beyond"]["0.1"] > 0.3
         ode = {row["eps"]: row for row in res["per_chi"][f"ode_{name}"]}
         assert ode[1.0]["fraction_beyond"]["0.1"] <= 0.05 and ode[1.0]["median_displacement"] > 0.2
