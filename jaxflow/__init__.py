@@ -27,6 +27,7 @@ from ._laws import Empirical as Empirical
 from ._laws import Gaussian as Gaussian
 from ._laws import GaussianMixture as GaussianMixture
 from ._laws import GaussianNeighbours as GaussianNeighbours
+from ._learned import LearnedField as LearnedField
 from ._logdet import InstabilityProbability as InstabilityProbability
 from ._logdet import amplified_error_bound as amplified_error_bound
 from ._logdet import generate_with_jacobian as generate_with_jacobian
@@ -37,6 +38,12 @@ from ._lyapunov import LyapunovSpectrum as LyapunovSpectrum
 from ._lyapunov import alignment as alignment
 from ._lyapunov import lyapunov_spectrum as lyapunov_spectrum
 from ._lyapunov import lyapunov_spectrum_of_map as lyapunov_spectrum_of_map
+from ._networks import MLP as MLP
+from ._networks import UNet as UNet
+from ._networks import sinusoidal_embedding as sinusoidal_embedding
+from ._objectives import denoising_score_matching_loss as denoising_score_matching_loss
+from ._objectives import flow_matching_loss as flow_matching_loss
+from ._objectives import ot_pairing as ot_pairing
 from ._paths import AbstractPath as AbstractPath
 from ._paths import Cosine as Cosine
 from ._paths import OrnsteinUhlenbeck as OrnsteinUhlenbeck

@@ -1,0 +1,237 @@
+"""Time-conditioned Equinox networks: an MLP for low-dimensional data and a UNet
+for images. Both map a flat point `x` of shape `(n,)` and a time `t` to `(n,)`,
+so that a `LearnedField` built on either is analysed like any closed-form field
+(Jacobians, spectra and solvers all work on flat vectors).
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+
+def sinusoidal_embedding(t: Float[ArrayLike, ""], dim: int, scale: float = 1000.0) -> Array:
+    """`[sin(scale t w_k), cos(scale t w_k)]` with geometric frequencies `w_k` from 1
+    to 1e-4 (Vaswani et al. 2017; Ho et al. 2020), `dim` even."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+    arg = scale * jnp.asarray(t, dtype=freqs.dtype) * freqs
+    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)])
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+class MLP(eqx.Module):
+    """`f(x, t)`: an MLP on `[x, embed(t)]` with SiLU activations.
+
+    **Arguments:**
+
+    - `dim`: the data dimension `n`.
+    - `width`, `depth`: hidden width and number of hidden layers.
+    - `time_dim`: size of the sinusoidal time embedding (even).
+    - `time_scale`: the embedding's frequency scale; pass `1000 / t_noise` for a
+      path on `[0, T]` so the embedding sees the same range.
+    - `key`: initialisation key.
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    time_dim: int = eqx.field(static=True)
+    time_scale: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        width: int = 128,
+        depth: int = 3,
+        *,
+        time_dim: int = 32,
+        time_scale: float = 1000.0,
+        key: PRNGKeyArray,
+    ):
+        for name, value in (("dim", dim), ("width", width), ("depth", depth)):
+            _check_positive_int(name, value)
+        if time_dim % 2:
+            raise ValueError(f"time_dim must be even, got {time_dim}.")
+        sizes = [dim + time_dim] + [width] * depth + [dim]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(
+            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        )
+        self.time_dim = time_dim
+        self.time_scale = time_scale
+
+    def __call__(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        emb = sinusoidal_embedding(t, self.time_dim, self.time_scale).astype(x.dtype)
+        h = jnp.concatenate([x, emb])
+        for layer in self.layers[:-1]:
+            h = jax.nn.silu(layer(h))
+        return self.layers[-1](h)
+
+
+class _ResBlock(eqx.Module):
+    norm1: eqx.nn.GroupNorm
+    conv1: eqx.nn.Conv2d
+    time: eqx.nn.Linear
+    norm2: eqx.nn.GroupNorm
+    conv2: eqx.nn.Conv2d
+    skip: eqx.nn.Conv2d | None
+
+    def __init__(self, c_in, c_out, t_dim, groups, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.norm1 = eqx.nn.GroupNorm(min(groups, c_in), c_in)
+        self.conv1 = eqx.nn.Conv2d(c_in, c_out, 3, padding=1, key=k1)
+        self.time = eqx.nn.Linear(t_dim, c_out, key=k2)
+        self.norm2 = eqx.nn.GroupNorm(min(groups, c_out), c_out)
+        self.conv2 = eqx.nn.Conv2d(c_out, c_out, 3, padding=1, key=k3)
+        self.skip = None if c_in == c_out else eqx.nn.Conv2d(c_in, c_out, 1, key=k4)
+
+    def __call__(self, x, emb):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.time(emb)[:, None, None]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return h + (x if self.skip is None else self.skip(x))
+
+
+class _Attention(eqx.Module):
+    norm: eqx.nn.GroupNorm
+    attn: eqx.nn.MultiheadAttention
+
+    def __init__(self, c, heads, groups, key):
+        self.norm = eqx.nn.GroupNorm(min(groups, c), c)
+        self.attn = eqx.nn.MultiheadAttention(heads, c, key=key)
+
+    def __call__(self, x):
+        c, h, w = x.shape
+        seq = self.norm(x).reshape(c, h * w).T
+        return x + self.attn(seq, seq, seq).T.reshape(c, h, w)
+
+
+class UNet(eqx.Module):
+    """`f(x, t)` for images stored flat: `x` of shape `(C * H * W,)` is reshaped to
+    `image_shape`, passed through a UNet (residual blocks with a sinusoidal time
+    embedding, down- and up-sampling stages with skip connections, self-attention
+    at the coarsest level; Ho et al. 2020) and flattened back.
+
+    **Arguments:**
+
+    - `image_shape`: `(C, H, W)`; `H` and `W` divisible by `2^(len(multipliers) - 1)`.
+    - `channels`: channels at the finest level; level `i` has `channels * multipliers[i]`.
+    - `multipliers`: one entry per level; a downsampling between consecutive levels.
+    - `blocks`: residual blocks per level.
+    - `heads`: attention heads at the coarsest level (divides its channels).
+    - `groups`: GroupNorm groups (capped at the channel count).
+    - `time_dim`, `time_scale`: the time embedding, as for `MLP`.
+    - `key`: initialisation key.
+    """
+
+    image_shape: tuple[int, int, int] = eqx.field(static=True)
+    time_dim: int = eqx.field(static=True)
+    time_scale: float = eqx.field(static=True)
+    time_mlp: tuple[eqx.nn.Linear, eqx.nn.Linear]
+    conv_in: eqx.nn.Conv2d
+    down: tuple[tuple[_ResBlock, ...], ...]
+    downsample: tuple[eqx.nn.Conv2d, ...]
+    mid: tuple[_ResBlock, _Attention, _ResBlock]
+    up: tuple[tuple[_ResBlock, ...], ...]
+    upsample: tuple[eqx.nn.Conv2d, ...]
+    norm_out: eqx.nn.GroupNorm
+    conv_out: eqx.nn.Conv2d
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        channels: int = 32,
+        multipliers: tuple[int, ...] = (1, 2),
+        blocks: int = 1,
+        *,
+        heads: int = 4,
+        groups: int = 8,
+        time_dim: int = 64,
+        time_scale: float = 1000.0,
+        key: PRNGKeyArray,
+    ):
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}.")
+        c_img, height, width = image_shape
+        factor = 2 ** (len(multipliers) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"H and W ({height}, {width}) must be divisible by {factor} for "
+                f"{len(multipliers)} levels; pad the images or use fewer multipliers."
+            )
+        for name, value in (("channels", channels), ("blocks", blocks), ("heads", heads)):
+            _check_positive_int(name, value)
+        widths = [channels * m for m in multipliers]
+        if widths[-1] % heads:
+            raise ValueError(f"heads ({heads}) must divide the coarsest channels ({widths[-1]}).")
+        keys = iter(jax.random.split(key, 8 + 4 * len(widths) * (blocks + 1)))
+        self.image_shape = tuple(image_shape)
+        self.time_dim = time_dim
+        self.time_scale = time_scale
+        t_dim = 4 * channels
+        self.time_mlp = (
+            eqx.nn.Linear(time_dim, t_dim, key=next(keys)),
+            eqx.nn.Linear(t_dim, t_dim, key=next(keys)),
+        )
+        self.conv_in = eqx.nn.Conv2d(c_img, widths[0], 3, padding=1, key=next(keys))
+        down, downsample, skips = [], [], [widths[0]]
+        c = widths[0]
+        for i, w in enumerate(widths):
+            level = []
+            for _ in range(blocks):
+                level.append(_ResBlock(c, w, t_dim, groups, next(keys)))
+                c = w
+                skips.append(c)
+            down.append(tuple(level))
+            if i < len(widths) - 1:
+                downsample.append(eqx.nn.Conv2d(c, c, 3, stride=2, padding=1, key=next(keys)))
+                skips.append(c)
+        self.down, self.downsample = tuple(down), tuple(downsample)
+        self.mid = (
+            _ResBlock(c, c, t_dim, groups, next(keys)),
+            _Attention(c, heads, groups, next(keys)),
+            _ResBlock(c, c, t_dim, groups, next(keys)),
+        )
+        up, upsample = [], []
+        for i, w in reversed(list(enumerate(widths))):
+            level = []
+            for _ in range(blocks + 1):
+                level.append(_ResBlock(c + skips.pop(), w, t_dim, groups, next(keys)))
+                c = w
+            up.append(tuple(level))
+            if i > 0:
+                upsample.append(eqx.nn.Conv2d(c, c, 3, padding=1, key=next(keys)))
+        self.up, self.upsample = tuple(up), tuple(upsample)
+        self.norm_out = eqx.nn.GroupNorm(min(groups, c), c)
+        self.conv_out = eqx.nn.Conv2d(c, c_img, 3, padding=1, key=next(keys))
+
+    def __call__(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        n = math.prod(self.image_shape)
+        if x.shape != (n,):
+            raise ValueError(f"UNet takes flat images of shape ({n},), got {x.shape}.")
+        emb = sinusoidal_embedding(t, self.time_dim, self.time_scale).astype(x.dtype)
+        emb = self.time_mlp[1](jax.nn.silu(self.time_mlp[0](emb)))
+        h = self.conv_in(x.reshape(self.image_shape))
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block in level:
+                h = block(h, emb)
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for i, level in enumerate(self.up):
+            for block in level:
+                h = block(jnp.concatenate([h, skips.pop()]), emb)
+            if i < len(self.upsample):
+                c, hh, ww = h.shape
+                h = jax.image.resize(h, (c, 2 * hh, 2 * ww), "nearest")
+                h = self.upsample[i](h)
+        h = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        return h.reshape(n)
