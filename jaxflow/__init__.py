@@ -7,6 +7,7 @@ and the instability measures of paper 000.
 
 import importlib.metadata
 
+from . import data as data
 from ._batching import batch_map as batch_map
 from ._ddpm import ddpm_coefficients as ddpm_coefficients
 from ._ddpm import ddpm_step as ddpm_step
@@ -54,6 +55,9 @@ from ._solve import invert as invert
 from ._solve import reconstruct as reconstruct
 from ._solve import reconstruction_error as reconstruction_error
 from ._solve import sample_sde as sample_sde
+from ._train import TrainResult as TrainResult
+from ._train import load_checkpoint as load_checkpoint
+from ._train import train as train
 
 try:
     __version__ = importlib.metadata.version("jaxflow")

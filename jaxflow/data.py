@@ -1,0 +1,81 @@
+"""Training data: scikit-learn's bundled handwritten digits (offline), and the
+two-moons and eight-Gaussians samplers of the flow-matching literature (paper 003
+appendix G.5; Tong et al. 2024).
+
+Images come back flat, `(N, C * H * W)`, scaled to `[-1, 1]`, to feed `jf.UNet`
+and every analysis that works on flat vectors.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+def digits(size: int = 8, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 real 8x8 handwritten digits that ship with scikit-learn (no
+    download), as `(images, labels)`.
+
+    **Arguments:**
+
+    - `size`: 8 (the native resolution), or 16 / 32: the 8x8 image is zero-padded
+      (in `[-1, 1]` units, the background value) to 16 x 16, then upsampled 2x by
+      pixel repetition for 32.
+    - `dtype`: of the images.
+
+    **Returns:** images `(1797, size * size)` in `[-1, 1]` (ink is +1) and labels
+    `(1797,)`.
+    """
+    if size not in (8, 16, 32):
+        raise ValueError(f"size must be 8, 16 or 32, got {size!r}.")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError(
+            "jaxflow.data.digits needs scikit-learn: pip install 'jaxflow[data]'."
+        ) from e
+    bunch = load_digits()
+    # pixel values are counts 0..16 of a 4x4 block of the original bitmap
+    images = bunch.images.astype(np.float64) / 8.0 - 1.0
+    if size >= 16:
+        images = np.pad(images, ((0, 0), (4, 4), (4, 4)), constant_values=-1.0)
+    if size == 32:
+        images = images.repeat(2, axis=1).repeat(2, axis=2)
+    return images.reshape(len(images), -1).astype(dtype), bunch.target.astype(np.int32)
+
+
+def two_moons(
+    key: PRNGKeyArray, n: int, *, noise: float = 0.05, dtype=jnp.float32
+) -> Float[Array, "n 2"]:
+    """`n` points on the two moons (upper `(cos u, sin u)`, lower
+    `(1 - cos u, 1/2 - sin u)`, `u` uniform on `[0, pi]`, each moon with
+    probability 1/2), plus Gaussian noise of standard deviation `noise`."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}.")
+    ku, km, kn = jax.random.split(key, 3)
+    u = jax.random.uniform(ku, (n,), dtype, 0.0, math.pi)
+    lower = jax.random.bernoulli(km, 0.5, (n,))
+    upper_pts = jnp.stack([jnp.cos(u), jnp.sin(u)], -1)
+    lower_pts = jnp.stack([1 - jnp.cos(u), 0.5 - jnp.sin(u)], -1)
+    x = jnp.where(lower[:, None], lower_pts, upper_pts)
+    return x + noise * jax.random.normal(kn, (n, 2), dtype)
+
+
+def eight_gaussians(
+    key: PRNGKeyArray, n: int, *, radius: float = 2.0, scale: float = 0.1, dtype=jnp.float32
+) -> Float[Array, "n 2"]:
+    """`n` points from eight equally weighted Gaussians of standard deviation
+    `scale` centred on a circle of `radius` (the usual source or target of the
+    flow-matching literature)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}.")
+    if radius <= 0 or scale <= 0:
+        raise ValueError(f"radius and scale must be > 0, got {radius}, {scale}.")
+    kc, kn = jax.random.split(key)
+    angle = 2 * math.pi * jax.random.randint(kc, (n,), 0, 8).astype(dtype) / 8
+    centres = radius * jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
+    return centres + scale * jax.random.normal(kn, (n, 2), dtype)
