@@ -36,6 +36,16 @@ def em_step(field, x, t, h, noise, score_error=None):
     return x - h * drift + jnp.sqrt(g2 * h) * noise
 
 
+def smooth_chi():
+    """A smooth error field with no relation to the moons, sup norm 1:
+    `(cos(1.3 x2 + 0.4), sin(1.7 x1 - 0.2)) / sqrt 2`."""
+
+    def chi(x):
+        return jnp.stack([jnp.cos(1.3 * x[1] + 0.4), jnp.sin(1.7 * x[0] - 0.2)]) / jnp.sqrt(2.0)
+
+    return chi
+
+
 def distance_to_nodes(x, nodes):
     """Distance of each row of `x` to the nearest node, and that node's index."""
     d2 = ((x[:, None, :] - nodes[None]) ** 2).sum(-1)

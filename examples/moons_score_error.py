@@ -40,6 +40,7 @@ from _moons import (  # noqa: E402
     moons,
     moons_axes,
     moons_field,
+    smooth_chi,
 )
 
 RADII = (0.05, 0.1)
@@ -50,15 +51,6 @@ def _box_grid(m=121):
         -1, 2
     )
     return jnp.asarray(g)
-
-
-def smooth_chi():
-    """A smooth field with no relation to the moons, `|chi| <= 1`."""
-
-    def chi(x):
-        return jnp.stack([jnp.cos(1.3 * x[1] + 0.4), jnp.sin(1.7 * x[0] - 0.2)]) / jnp.sqrt(2.0)
-
-    return chi
 
 
 def random_chi(key, features=32, bandwidth=3.0):
