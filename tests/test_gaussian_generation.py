@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import jaxflow as jf
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), cond=st.floats(1.0, 50.0))
 def test_gaussian_generation_map_is_affine(n, seed, cond):
     rng = np.random.default_rng(seed)

@@ -21,7 +21,7 @@ def _routes(field, z):
     )
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     n=st.integers(1, 6),
     k=st.integers(1, 3),
@@ -102,7 +102,7 @@ def test_divergence_route_with_trace_on_neighbours_and_method_errors():
         jf.log_det_generation(field, z, divergence="hutchinson")
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), path=st.sampled_from(["rf", "cos"]))
 def test_invert_with_log_det_is_minus_the_generation_log_det(seed, path):
     """log|det J_{G^{-1}}(x)| = -log|det J_G(G^{-1}(x))|, and the inversion's point.
