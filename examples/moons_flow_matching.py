@@ -105,10 +105,10 @@ def main(argv=None):
     p.add_argument("--ode-steps", type=int, default=None, help="Euler steps (200)")
     p.add_argument("--cache", default=None, help="trained weights (default <out>/cache)")
     args = p.parse_args(argv)
-    args.train_steps = args.train_steps or (300 if args.quick else 4000)
+    args.train_steps = args.train_steps or (200 if args.quick else 4000)
     args.cache = args.cache or os.path.join(args.out, "cache")
-    samples = args.samples or (200 if args.quick else 1000)
-    args.ode_steps = args.ode_steps or (100 if args.quick else 200)
+    samples = args.samples or (100 if args.quick else 1000)
+    args.ode_steps = args.ode_steps or (50 if args.quick else 200)
     width, depth = (64, 2) if args.quick else (128, 3)
     rec = Record(
         "moons_flow_matching",

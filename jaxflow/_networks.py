@@ -9,6 +9,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 
@@ -111,6 +112,90 @@ class _Attention(eqx.Module):
         return x + self.attn(seq, seq, seq).T.reshape(c, h, w)
 
 
+def _unet_layers(c_img, widths, blocks, heads, groups, time_dim, t_dim, key):
+    keys = iter(jax.random.split(key, 8 + 4 * len(widths) * (blocks + 1)))
+    layers = dict(
+        time_mlp=(
+            eqx.nn.Linear(time_dim, t_dim, key=next(keys)),
+            eqx.nn.Linear(t_dim, t_dim, key=next(keys)),
+        ),
+        conv_in=eqx.nn.Conv2d(c_img, widths[0], 3, padding=1, key=next(keys)),
+    )
+    down, downsample, skips = [], [], [widths[0]]
+    c = widths[0]
+    for i, w in enumerate(widths):
+        level = []
+        for _ in range(blocks):
+            level.append(_ResBlock(c, w, t_dim, groups, next(keys)))
+            c = w
+            skips.append(c)
+        down.append(tuple(level))
+        if i < len(widths) - 1:
+            downsample.append(eqx.nn.Conv2d(c, c, 3, stride=2, padding=1, key=next(keys)))
+            skips.append(c)
+    layers["down"], layers["downsample"] = tuple(down), tuple(downsample)
+    layers["mid"] = (
+        _ResBlock(c, c, t_dim, groups, next(keys)),
+        _Attention(c, heads, groups, next(keys)),
+        _ResBlock(c, c, t_dim, groups, next(keys)),
+    )
+    up, upsample = [], []
+    for i, w in reversed(list(enumerate(widths))):
+        level = []
+        for _ in range(blocks + 1):
+            level.append(_ResBlock(c + skips.pop(), w, t_dim, groups, next(keys)))
+            c = w
+        up.append(tuple(level))
+        if i > 0:
+            upsample.append(eqx.nn.Conv2d(c, c, 3, padding=1, key=next(keys)))
+    layers["up"], layers["upsample"] = tuple(up), tuple(upsample)
+    layers["norm_out"] = eqx.nn.GroupNorm(min(groups, c), c)
+    layers["conv_out"] = eqx.nn.Conv2d(c, c_img, 3, padding=1, key=next(keys))
+    return layers
+
+
+def _is_layer(m):
+    return isinstance(m, (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.GroupNorm))
+
+
+def _materialise(abstract, key):
+    """Fill abstract layers as Equinox initialises them, weights and biases
+    uniform on `+-1/sqrt(fan_in)` and GroupNorm's affine map the identity, but
+    from one uniform draw for the whole network."""
+    layers = [m for m in jax.tree.leaves(abstract, is_leaf=_is_layer) if _is_layer(m)]
+    sizes = [
+        m.weight.size + (0 if m.bias is None else m.bias.size)
+        for m in layers
+        if not isinstance(m, eqx.nn.GroupNorm)
+    ]
+    dtype = next(m.weight.dtype for m in layers)
+    u = np.asarray(jax.random.uniform(key, (sum(sizes),), dtype, -1.0, 1.0))
+    offset = 0
+
+    def fill(m):
+        nonlocal offset
+        if not _is_layer(m):
+            return m
+        if isinstance(m, eqx.nn.GroupNorm):
+            return eqx.tree_at(
+                lambda g: (g.weight, g.bias),
+                m,
+                (jnp.ones(m.weight.shape, m.weight.dtype), jnp.zeros(m.bias.shape, m.bias.dtype)),
+            )
+        lim = 1.0 / math.sqrt(math.prod(m.weight.shape[1:]))
+        w = u[offset : offset + m.weight.size].reshape(m.weight.shape) * lim
+        offset += m.weight.size
+        if m.bias is None:
+            return eqx.tree_at(lambda layer: layer.weight, m, jnp.asarray(w))
+        b = u[offset : offset + m.bias.size].reshape(m.bias.shape) * lim
+        offset += m.bias.size
+        return eqx.tree_at(
+            lambda layer: (layer.weight, layer.bias), m, (jnp.asarray(w), jnp.asarray(b))
+        )
+
+    return jax.tree.map(fill, abstract, is_leaf=_is_layer)
+
+
 class UNet(eqx.Module):
     """`f(x, t)` for images stored flat: `x` of shape `(C * H * W,)` is reshaped to
     `image_shape`, passed through a UNet (residual blocks with a sinusoidal time
@@ -169,46 +254,20 @@ class UNet(eqx.Module):
         widths = [channels * m for m in multipliers]
         if widths[-1] % heads:
             raise ValueError(f"heads ({heads}) must divide the coarsest channels ({widths[-1]}).")
-        keys = iter(jax.random.split(key, 8 + 4 * len(widths) * (blocks + 1)))
         self.image_shape = tuple(image_shape)
         self.time_dim = time_dim
         self.time_scale = time_scale
-        t_dim = 4 * channels
-        self.time_mlp = (
-            eqx.nn.Linear(time_dim, t_dim, key=next(keys)),
-            eqx.nn.Linear(t_dim, t_dim, key=next(keys)),
-        )
-        self.conv_in = eqx.nn.Conv2d(c_img, widths[0], 3, padding=1, key=next(keys))
-        down, downsample, skips = [], [], [widths[0]]
-        c = widths[0]
-        for i, w in enumerate(widths):
-            level = []
-            for _ in range(blocks):
-                level.append(_ResBlock(c, w, t_dim, groups, next(keys)))
-                c = w
-                skips.append(c)
-            down.append(tuple(level))
-            if i < len(widths) - 1:
-                downsample.append(eqx.nn.Conv2d(c, c, 3, stride=2, padding=1, key=next(keys)))
-                skips.append(c)
-        self.down, self.downsample = tuple(down), tuple(downsample)
-        self.mid = (
-            _ResBlock(c, c, t_dim, groups, next(keys)),
-            _Attention(c, heads, groups, next(keys)),
-            _ResBlock(c, c, t_dim, groups, next(keys)),
-        )
-        up, upsample = [], []
-        for i, w in reversed(list(enumerate(widths))):
-            level = []
-            for _ in range(blocks + 1):
-                level.append(_ResBlock(c + skips.pop(), w, t_dim, groups, next(keys)))
-                c = w
-            up.append(tuple(level))
-            if i > 0:
-                upsample.append(eqx.nn.Conv2d(c, c, 3, padding=1, key=next(keys)))
-        self.up, self.upsample = tuple(up), tuple(upsample)
-        self.norm_out = eqx.nn.GroupNorm(min(groups, c), c)
-        self.conv_out = eqx.nn.Conv2d(c, c_img, 3, padding=1, key=next(keys))
+        # the layers are built abstractly and filled from one uniform draw: building
+        # them eagerly compiles an initialiser per distinct layer shape (about 15 s
+        # for a small UNet on a 2-core CPU)
+        args = (c_img, tuple(widths), blocks, heads, groups, time_dim, 4 * channels)
+        layers = _materialise(eqx.filter_eval_shape(_unet_layers, *args, key), key)
+        self.time_mlp = layers["time_mlp"]
+        self.conv_in = layers["conv_in"]
+        self.down, self.downsample = layers["down"], layers["downsample"]
+        self.mid = layers["mid"]
+        self.up, self.upsample = layers["up"], layers["upsample"]
+        self.norm_out, self.conv_out = layers["norm_out"], layers["conv_out"]
 
     def __call__(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         n = math.prod(self.image_shape)

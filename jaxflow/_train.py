@@ -45,14 +45,27 @@ def _checkpoint_manager(directory):
     return ocp, ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def _save(ocp, manager, step, arrays, config):
+def _save(ocp, manager, step, state, config):
+    # weights and optimiser state are separate items, so that the weights can be
+    # read back without knowing the optimiser
+    params, ema, opt_state = state
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays), config=ocp.args.JsonSave(config)
+            weights=ocp.args.StandardSave((params, ema)),
+            optimiser=ocp.args.StandardSave(opt_state),
+            config=ocp.args.JsonSave(config),
         ),
     )
     manager.wait_until_finished()
+
+
+def _restore(ocp, manager, step, weights, opt_state=None):
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    items = dict(weights=ocp.args.StandardRestore(abstract(weights)), config=ocp.args.JsonRestore())
+    if opt_state is not None:
+        items["optimiser"] = ocp.args.StandardRestore(abstract(opt_state))
+    return manager.restore(step, args=ocp.args.Composite(**items))
 
 
 def train(
@@ -108,11 +121,12 @@ def train(
     optimiser = optax.adam(1e-3) if optimiser is None else optimiser
     params, static = eqx.partition(model, eqx.is_array)
     try:
-        probe = loss_fn(model, data[: min(2, len(data))], key)
+        # shapes only: an eager evaluation of a UNet loss would take seconds
+        probe = eqx.filter_eval_shape(loss_fn, model, data[: min(2, len(data))], key)
     except Exception as e:
         raise ValueError(f"loss_fn failed on a batch of data of shape {data[:2].shape}: {e}") from e
-    if jnp.shape(probe) != ():
-        raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(probe)}.")
+    if probe.shape != ():
+        raise ValueError(f"loss_fn must return a scalar, got shape {probe.shape}.")
     state = (params, params, optimiser.init(params))
     step = 0
     config = dict(config or {})
@@ -121,18 +135,15 @@ def train(
         ocp, manager = _checkpoint_manager(checkpoint_dir)
         latest = manager.latest_step()
         if latest is not None:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            restored = manager.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
-                ),
-            )
-            state = jax.tree.map(jnp.asarray, restored.state)
+            restored = _restore(ocp, manager, latest, state[:2], state[2])
+            params_ema = jax.tree.map(jnp.asarray, restored.weights)
+            state = (*params_ema, jax.tree.map(jnp.asarray, restored.optimiser))
             step = latest
 
+    # the data is an argument, not a closure: a constant would be baked into the
+    # compiled program
     @eqx.filter_jit
-    def run(state, start, length):
+    def run(state, start, length, data):
         def body(state, i):
             params, ema, opt_state = state
             k = jax.random.fold_in(key, i)
@@ -153,7 +164,7 @@ def train(
     first = step
     while step < steps:
         length = min(chunk, steps - step, checkpoint_every - step % checkpoint_every)
-        new_state, chunk_losses = run(state, jnp.asarray(step), length)
+        new_state, chunk_losses = run(state, jnp.asarray(step), length, data)
         chunk_losses = np.asarray(chunk_losses)
         if not np.all(np.isfinite(chunk_losses)):
             bad = step + int(np.argmin(np.isfinite(chunk_losses)))
@@ -194,24 +205,17 @@ def train(
     )
 
 
-def load_checkpoint(directory: str, model: eqx.Module, optimiser=None) -> tuple:
-    """`(model, ema, step, config)` from the latest checkpoint in `directory`;
-    `model` is a template of the same structure (e.g. freshly initialised)."""
+def load_checkpoint(directory: str, model: eqx.Module) -> tuple:
+    """`(model, ema, step, config)` from the latest checkpoint that `train` wrote in
+    `directory`; `model` is a template of the same structure (e.g. the freshly
+    initialised network). The optimiser state is not read."""
     ocp, manager = _checkpoint_manager(directory)
     latest = manager.latest_step()
     if latest is None:
         raise ValueError(f"no checkpoint in {directory}.")
     params, static = eqx.partition(model, eqx.is_array)
-    optimiser = optax.adam(1e-3) if optimiser is None else optimiser
-    state = (params, params, optimiser.init(params))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(
-        latest,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
-        ),
-    )
-    params, ema, _ = restored.state
+    restored = _restore(ocp, manager, latest, (params, params))
+    params, ema = restored.weights
     return (
         eqx.combine(params, static),
         eqx.combine(ema, static),

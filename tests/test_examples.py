@@ -216,4 +216,4 @@ def test_moons_flow_matching(tmp_path):
         assert 0 <= base["median_alignment_score_q1"] <= 1
         assert all(np.isfinite(base["median_exponents"]))
     assert sorted(res["ranking_by_robustness"]) == sorted(models)
-    assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"moons_{m}_300_64x2" for m in models)
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"moons_{m}_200_64x2" for m in models)

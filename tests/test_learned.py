@@ -54,12 +54,18 @@ def test_networks_shapes_jit_vmap_and_jacobian():
     def at_two_times(net, x):
         return net(x, 0.5), net(x, 0.1)
 
-    # one UNet (its construction compiles an initialiser per layer shape): two
-    # channels, three levels 8x8 -> 4x4 -> 2x2, attention at 2x2
-    net = jf.UNet((2, 8, 8), 8, (1, 2, 2), heads=2, groups=4, key=key)
-    x = jax.random.normal(key, (128,))
+    # two levels 8x8 -> 4x4, attention at 4x4
+    net = jf.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=key)
+    # every parameter is concrete and drawn as Equinox would: U(+-1/sqrt(fan_in))
+    assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(net))
+    w = np.asarray(net.conv_in.weight)
+    assert np.abs(w).max() <= 1 / 3 and np.abs(w).max() > 0.25 and w.std() > 0.1
+    np.testing.assert_array_equal(net.norm_out.weight, 1.0)
+    other = jf.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=jax.random.PRNGKey(9))
+    assert not np.allclose(other.conv_in.weight, w)
+    x = jax.random.normal(key, (64,))
     y, y_early = at_two_times(net, x)
-    assert y.shape == (128,) and jnp.all(jnp.isfinite(y))
+    assert y.shape == (64,) and jnp.all(jnp.isfinite(y))
     assert not jnp.allclose(y, y_early)  # the time conditioning reaches the output
 
     # the Lyapunov and Jacobian tools need forward-mode derivatives through it
@@ -69,7 +75,7 @@ def test_networks_shapes_jit_vmap_and_jacobian():
         return jax.jacfwd(v)(x), jax.jvp(v, (x,), (u,))[1]
 
     field = jf.LearnedField(net, jf.RectifiedFlow(), "velocity")
-    u = jax.random.normal(jax.random.PRNGKey(1), (128,))
+    u = jax.random.normal(jax.random.PRNGKey(1), (64,))
     jac, v = jacobian_and_jvp(field, x, u)
     np.testing.assert_allclose(jac @ u, v, rtol=1e-5, atol=1e-6)
 

@@ -42,7 +42,8 @@ def test_routes_agree_on_other_paths_and_neighbours():
     rng = np.random.default_rng(7)
     lower = rng.uniform(-1, 0.5, (2, 3))
     law = jf.GaussianNeighbours(np.array([0.3, 0.7]), lower, lower + 0.4, np.array([0.1, 0.2]))
-    for path in (jf.RectifiedFlow(), jf.Cosine(), jf.OrnsteinUhlenbeck(4.0)):
+    # rectified flow is covered on mixtures above
+    for path in (jf.Cosine(), jf.OrnsteinUhlenbeck(4.0)):
         field = jf.AnalyticField(law, path)
         z = jnp.asarray(rng.standard_normal(3))
         dense, div, dens = _routes(field, z)

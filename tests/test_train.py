@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxflow as jf
@@ -74,6 +75,26 @@ def test_resumed_run_equals_a_straight_run(setup, tmp_path):
         not np.allclose(a, b)
         for a, b in zip(_leaves(straight.ema), _leaves(straight.model), strict=True)
     )
+
+
+def test_load_checkpoint_needs_no_optimiser(setup, tmp_path):
+    """Weights written by a run with a scheduled optimiser (another optimiser-state
+    structure than the default) load back from the model template alone."""
+    data, model = setup
+    run = jf.train(
+        model,
+        _loss,
+        data,
+        steps=20,
+        key=jax.random.PRNGKey(5),
+        progress=False,
+        optimiser=optax.adamw(optax.cosine_decay_schedule(1e-3, 20)),
+        checkpoint_dir=str(tmp_path),
+    )
+    m, ema, step, _ = jf.load_checkpoint(str(tmp_path), model)
+    assert step == 20
+    for a, b in zip(_leaves(m) + _leaves(ema), _leaves(run.model) + _leaves(run.ema), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ema_with_zero_decay_is_the_model(setup):
