@@ -1,8 +1,10 @@
 """Fields: a law (or a network) on a Gaussian path -> denoiser, noise, score, velocity.
 
-Every field reduces to one primitive, `denoise_and_score(x, t)`; the rest follow
-from the DESIGN §2 identities, written so that they stay finite at both ends of
-the path wherever the mathematics is:
+Every field gives `denoise_and_score(x, t)` and `velocity_and_score(x, t)`; the
+rest follow from the DESIGN §2 identities, written so that they stay finite at
+both ends of the path wherever the mathematics is (a closed-form law derives `v`
+from its finite score; a network predicting noise or velocity derives it from
+`Zhat`, since its score is singular where `sigma = 0`):
 
 - noise `Zhat = -sigma s`
 - PF-ODE velocity `v = alpha' D + sigma' Zhat = alpha' D - (sigma sigma') s`
@@ -28,6 +30,14 @@ def check_time_in_range(path: AbstractPath, x, t, what: str = "time t"):
     )
 
 
+def velocity_from_posterior(path: AbstractPath, d, s, x, t):
+    """`v = alpha' D - sigma sigma' s` (DESIGN §2), finite wherever `s` is."""
+    # Path coefficients follow the time's dtype; keep the state's (float32 stays float32).
+    da = path.d_alpha(t).astype(x.dtype)
+    ssd = path.sigma_d_sigma(t).astype(x.dtype)
+    return da * d - ssd * s
+
+
 def _check_time(path: AbstractPath, x, t):
     x = check_time_in_range(path, x, t)
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
@@ -36,7 +46,8 @@ def _check_time(path: AbstractPath, x, t):
 class AbstractField(eqx.Module):
     """A time-dependent field on a Gaussian path.
 
-    Subclasses implement `denoise_and_score`; every other quantity is derived.
+    Subclasses implement `denoise_and_score` and `velocity_and_score`; every other
+    quantity is derived.
     Public methods check `t` and `x` (`eqx.error_if`); the solvers call the
     unchecked `velocity_unchecked` in their inner loop.
     """
@@ -50,18 +61,19 @@ class AbstractField(eqx.Module):
         """`(D(x, t), s(x, t))`: the posterior mean of the data and the score."""
 
     def velocity_unchecked(self, x, t):
-        return self._velocity_and_score(x, t)[0]
+        return self.velocity_and_score(x, t)[0]
 
     def reverse_drift_unchecked(self, x, t):
-        v, s = self._velocity_and_score(x, t)
+        v, s = self.velocity_and_score(x, t)
         return v - 0.5 * self.path.diffusion_squared(t).astype(x.dtype) * s
 
-    def _velocity_and_score(self, x, t):
-        d, s = self.denoise_and_score(x, t)
-        # Path coefficients follow the time's dtype; keep the state's (float32 stays float32).
-        da = self.path.d_alpha(t).astype(x.dtype)
-        ssd = self.path.sigma_d_sigma(t).astype(x.dtype)
-        return da * d - ssd * s, s
+    @abc.abstractmethod
+    def velocity_and_score(
+        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+    ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+        """`(v(x, t), s(x, t))`, unchecked: the solvers' inner loop. A field whose
+        score is singular where its velocity is not (a learned field at `sigma =
+        0`) computes `v` without going through `s`."""
 
     def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         """Denoiser `D(x, t) = E[X | X_t = x]`."""
@@ -174,6 +186,10 @@ class AnalyticField(AbstractField):
         alpha = self.path.alpha(t).astype(x.dtype)
         sigma = self.path.sigma(t).astype(x.dtype)
         return self.law.posterior(x, alpha, sigma)
+
+    def velocity_and_score(self, x, t):
+        d, s = self.denoise_and_score(x, t)
+        return velocity_from_posterior(self.path, d, s, x, t), s
 
     def log_prob(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, ""]:
         """The marginal `log p_t(x)` of `X_t` (closed form)."""

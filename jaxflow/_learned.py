@@ -68,3 +68,13 @@ class LearnedField(AbstractField):
         out = jnp.asarray(self.network(x, t), x.dtype)
         d, z = _to_denoise_and_noise(self.path, self.parameterisation, x, t, out)
         return d, -z / self.path.sigma(t).astype(x.dtype)
+
+    def velocity_and_score(self, x, t):
+        out = jnp.asarray(self.network(x, t), x.dtype)
+        d, z = _to_denoise_and_noise(self.path, self.parameterisation, x, t, out)
+        # v = alpha' D + sigma' Zhat stays finite at sigma = 0 (the data end), where
+        # the score -Zhat / sigma does not
+        da = self.path.d_alpha(t).astype(x.dtype)
+        ds = self.path.d_sigma(t).astype(x.dtype)
+        v = out if self.parameterisation == "velocity" else da * d + ds * z
+        return v, -z / self.path.sigma(t).astype(x.dtype)
