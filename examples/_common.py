@@ -7,6 +7,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,3 +61,14 @@ class Record:
         with open(path, "w") as f:
             json.dump(_to_json(self.data), f, indent=1)
         return path
+
+
+def em_step(field, x, t, h, noise, score_error=None):
+    """`x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi`: one Euler-Maruyama step of
+    the reverse SDE in jaxflow's convention (DESIGN §2); a `score_error(x)` is
+    added to the score."""
+    g2 = field.path.diffusion_squared(t)
+    drift = field.reverse_drift(x, t)
+    if score_error is not None:
+        drift = drift - g2 * score_error(x)
+    return x - h * drift + jnp.sqrt(g2 * h) * noise

@@ -25,17 +25,6 @@ def moons_field(nodes):
     return jf.AnalyticField(jf.Empirical(jnp.asarray(nodes)), jf.Cosine())
 
 
-def em_step(field, x, t, h, noise, score_error=None):
-    """`x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi`: one Euler-Maruyama step of
-    the reverse SDE in jaxflow's convention (DESIGN §2); a `score_error(x)` is
-    added to the score."""
-    g2 = field.path.diffusion_squared(t)
-    drift = field.reverse_drift(x, t)
-    if score_error is not None:
-        drift = drift - g2 * score_error(x)
-    return x - h * drift + jnp.sqrt(g2 * h) * noise
-
-
 def smooth_chi():
     """A smooth error field with no relation to the moons, sup norm 1:
     `(cos(1.3 x2 + 0.4), sin(1.7 x1 - 0.2)) / sqrt 2`."""
@@ -57,6 +46,25 @@ def draw_moons(ax, nodes, label=None):
     half = len(nodes) // 2
     for part, lab in ((nodes[:half], label), (nodes[half:], None)):
         ax.plot(part[:, 0], part[:, 1], "r-", lw=0.8, label=lab)
+
+
+def draw_vectors(ax, x, q, length=0.12):
+    """Unsigned direction segments `q` (rows) centred on the points `x`."""
+    v = length * q
+    ax.quiver(
+        x[:, 0] - v[:, 0] / 2,
+        x[:, 1] - v[:, 1] / 2,
+        v[:, 0],
+        v[:, 1],
+        angles="xy",
+        scale_units="xy",
+        scale=1,
+        color="darkgreen",
+        width=0.003,
+        headwidth=0,
+        headlength=0,
+        headaxislength=0,
+    )
 
 
 def moons_axes(ax, title):

@@ -40,7 +40,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _common import Record, parser  # noqa: E402
-from _moons import distance_to_nodes, draw_moons, moons, moons_axes, smooth_chi  # noqa: E402
+from _moons import (  # noqa: E402
+    distance_to_nodes,
+    draw_moons,
+    draw_vectors,
+    moons,
+    moons_axes,
+    smooth_chi,
+)
 
 import jaxflow as jf  # noqa: E402
 
@@ -221,21 +228,7 @@ def plot(rec, nodes, generated, results):
         ax = axes[row, 3]
         x, q1 = generated[(name, 0.0)]
         draw_moons(ax, nodes)
-        v = 0.12 * q1
-        ax.quiver(
-            x[:, 0] - v[:, 0] / 2,
-            x[:, 1] - v[:, 1] / 2,
-            v[:, 0],
-            v[:, 1],
-            angles="xy",
-            scale_units="xy",
-            scale=1,
-            color="darkgreen",
-            width=0.003,
-            headwidth=0,
-            headlength=0,
-            headaxislength=0,
-        )
+        draw_vectors(ax, x, q1)
         moons_axes(ax, f"{name}: leading Lyapunov vector $q_1$")
         ax = axes[row, 4]
         align = results["per_model"][name]["eps"]["0.0"]["alignment_score_q1"]

@@ -29,12 +29,12 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, em_step, parser  # noqa: E402
 from _moons import (  # noqa: E402
     LIMITS,
     distance_to_nodes,
     draw_moons,
-    em_step,
+    draw_vectors,
     moons,
     moons_axes,
     moons_field,
@@ -150,21 +150,7 @@ def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, nois
 
     ax = axes[1, 0]
     draw_moons(ax, nodes)
-    v = vectors[:, :, 0] * 0.12
-    ax.quiver(
-        x[:, 0] - v[:, 0] / 2,
-        x[:, 1] - v[:, 1] / 2,
-        v[:, 0],
-        v[:, 1],
-        angles="xy",
-        scale_units="xy",
-        scale=1,
-        color="darkgreen",
-        width=0.003,
-        headwidth=0,
-        headlength=0,
-        headaxislength=0,
-    )
+    draw_vectors(ax, x, vectors[:, :, 0])
     # one sample path, re-run with its frozen noise
     path = [np.asarray(z[0])]
     y = z[0]

@@ -31,12 +31,11 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, em_step, parser  # noqa: E402
 from _moons import (  # noqa: E402
     LIMITS,
     distance_to_nodes,
     draw_moons,
-    em_step,
     moons,
     moons_axes,
     moons_field,

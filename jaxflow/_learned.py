@@ -64,14 +64,17 @@ class LearnedField(AbstractField):
         self.path = path
         self.parameterisation = parameterisation
 
-    def denoise_and_score(self, x, t):
+    def _read(self, x, t):
+        """The network's output and the `(D, Zhat)` it implies."""
         out = jnp.asarray(self.network(x, t), x.dtype)
-        d, z = _to_denoise_and_noise(self.path, self.parameterisation, x, t, out)
+        return (out, *_to_denoise_and_noise(self.path, self.parameterisation, x, t, out))
+
+    def denoise_and_score(self, x, t):
+        _, d, z = self._read(x, t)
         return d, -z / self.path.sigma(t).astype(x.dtype)
 
     def velocity_and_score(self, x, t):
-        out = jnp.asarray(self.network(x, t), x.dtype)
-        d, z = _to_denoise_and_noise(self.path, self.parameterisation, x, t, out)
+        out, d, z = self._read(x, t)
         # v = alpha' D + sigma' Zhat stays finite at sigma = 0 (the data end), where
         # the score -Zhat / sigma does not
         da = self.path.d_alpha(t).astype(x.dtype)
