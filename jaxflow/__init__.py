@@ -14,6 +14,7 @@ from ._ddpm import ddpm_step as ddpm_step
 from ._ddpm import sample_ddpm as sample_ddpm
 from ._examples import fig3_mixture as fig3_mixture
 from ._fields import AbstractField as AbstractField
+from ._fields import AbstractVelocityField as AbstractVelocityField
 from ._fields import AnalyticField as AnalyticField
 from ._instability import SegmentBound as SegmentBound
 from ._instability import geometric_mean_singular_value as geometric_mean_singular_value
@@ -28,6 +29,7 @@ from ._laws import Empirical as Empirical
 from ._laws import Gaussian as Gaussian
 from ._laws import GaussianMixture as GaussianMixture
 from ._laws import GaussianNeighbours as GaussianNeighbours
+from ._learned import InterpolantField as InterpolantField
 from ._learned import LearnedField as LearnedField
 from ._logdet import InstabilityProbability as InstabilityProbability
 from ._logdet import amplified_error_bound as amplified_error_bound

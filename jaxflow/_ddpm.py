@@ -106,7 +106,7 @@ def sample_ddpm(
         raise ValueError(
             f"sample_ddpm runs towards the data: need t_data < t_noise, got {t0} and {t1}."
         )
-    z = _prepare(field, z, t1, t0, "sample_ddpm")
+    z = _prepare(field, z, t1, t0, "sample_ddpm", needs_score=True)
 
     def body(x, i):
         t = t1 + (t0 - t1) * i / steps

@@ -43,16 +43,58 @@ def _check_time(path: AbstractPath, x, t):
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
 
 
-class AbstractField(eqx.Module):
-    """A time-dependent field on a Gaussian path.
+class AbstractVelocityField(eqx.Module):
+    """A time-dependent velocity on a path's time span: all that the PF-ODE
+    (`generate`, `invert`, `reconstruct`), the Jacobians, the log-determinants and
+    the Lyapunov analyses need.
+
+    Subclasses implement `velocity_unchecked`, the solvers' inner loop; the public
+    `velocity` and `divergence` check `t` and `x` (`eqx.error_if`).
+    `AbstractField` adds the score (Gaussian-path fields); `InterpolantField`, a
+    flow learned from an arbitrary source, has a velocity only.
+    """
+
+    path: eqx.AbstractVar[AbstractPath]
+
+    @abc.abstractmethod
+    def velocity_unchecked(
+        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+    ) -> Float[Array, " n"]:
+        """`v(x, t)` without the input checks."""
+
+    def velocity(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
+        return self.velocity_unchecked(_check_time(self.path, x, t), t)
+
+    def divergence(
+        self,
+        x: Float[Array, " n"],
+        t: Float[ArrayLike, ""],
+        key: PRNGKeyArray | None = None,
+        method: str = "auto",
+    ) -> Float[Array, ""]:
+        """`div_x v(x, t)`.
+
+        **Arguments:**
+
+        - `method`: `'closed_form'` (Gaussian and Gaussian-mixture laws: about the
+          cost of one evaluation of `v`), `'trace'` (exact trace of `jacfwd`, `n`
+          JVPs), `'hutchinson'` (`eps^T (dv/dx) eps`, one JVP, Rademacher `eps`
+          from `key`), or `'auto'`: Hutchinson when a `key` is given, else the
+          closed form where the law has one, else the trace.
+        """
+        x = _check_time(self.path, x, t)
+        return _divergence(self, x, t, key, method)
+
+
+class AbstractField(AbstractVelocityField):
+    """A time-dependent field on a Gaussian path: velocity, denoiser and score.
 
     Subclasses implement `denoise_and_score` and `velocity_and_score`; every other
     quantity is derived.
     Public methods check `t` and `x` (`eqx.error_if`); the solvers call the
     unchecked `velocity_unchecked` in their inner loop.
     """
-
-    path: eqx.AbstractVar[AbstractPath]
 
     @abc.abstractmethod
     def denoise_and_score(
@@ -87,36 +129,12 @@ class AbstractField(eqx.Module):
         """Noise prediction `Zhat(x, t) = E[Z | X_t = x] = -sigma(t) s(x, t)`."""
         return -self.path.sigma(t) * self.score(x, t)
 
-    def velocity(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
-        """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
-        return self.velocity_unchecked(_check_time(self.path, x, t), t)
-
     def reverse_drift(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
         """Reverse-SDE drift `v - (g^2 / 2) s = f x - g^2 s` (DESIGN §2), in forward time.
 
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
         """
         return self.reverse_drift_unchecked(_check_time(self.path, x, t), t)
-
-    def divergence(
-        self,
-        x: Float[Array, " n"],
-        t: Float[ArrayLike, ""],
-        key: PRNGKeyArray | None = None,
-        method: str = "auto",
-    ) -> Float[Array, ""]:
-        """`div_x v(x, t)`.
-
-        **Arguments:**
-
-        - `method`: `'closed_form'` (Gaussian and Gaussian-mixture laws: about the
-          cost of one evaluation of `v`), `'trace'` (exact trace of `jacfwd`, `n`
-          JVPs), `'hutchinson'` (`eps^T (dv/dx) eps`, one JVP, Rademacher `eps`
-          from `key`), or `'auto'`: Hutchinson when a `key` is given, else the
-          closed form where the law has one, else the trace.
-        """
-        x = _check_time(self.path, x, t)
-        return _divergence(self, x, t, key, method)
 
 
 _DIVERGENCE_METHODS = ("auto", "closed_form", "trace", "hutchinson")

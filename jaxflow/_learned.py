@@ -1,12 +1,20 @@
-"""A field given by a network that predicts one of velocity, noise, data or score,
-converted to the others by the identities of DESIGN §2: `x = alpha D + sigma Zhat`,
-`s = -Zhat / sigma`, `v = alpha' D + sigma' Zhat`."""
+"""Fields given by networks.
+
+`LearnedField`: a network that predicts one of velocity, noise, data or score on
+a Gaussian path, converted to the others by the identities of DESIGN §2:
+`x = alpha D + sigma Zhat`, `s = -Zhat / sigma`, `v = alpha' D + sigma' Zhat`.
+
+`InterpolantField`: the velocity of a flow learned from an arbitrary source law
+(stochastic interpolants, Albergo et al. 2023; paper 003 G.5's eight-Gaussians
+source), which has no score.
+"""
 
 from collections.abc import Callable
 
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
 
-from ._fields import AbstractField
+from ._fields import AbstractField, AbstractVelocityField, check_time_in_range
 from ._paths import AbstractPath
 
 PARAMETERISATIONS = ("velocity", "noise", "data", "score")
@@ -81,3 +89,43 @@ class LearnedField(AbstractField):
         ds = self.path.d_sigma(t).astype(x.dtype)
         v = out if self.parameterisation == "velocity" else da * d + ds * z
         return v, -z / self.path.sigma(t).astype(x.dtype)
+
+
+class InterpolantField(AbstractVelocityField):
+    """The velocity of a flow from an arbitrary source law to the data, learned on
+    the interpolant `X_t = alpha(t) X + sigma(t) X0` with `X0` drawn from the
+    source (not necessarily Gaussian): `jf.flow_matching_loss(..., source=...)`.
+    The path's `alpha`, `sigma` are the interpolation coefficients: on
+    `RectifiedFlow` the straight line of (OT-)CFM, on `Cosine` the
+    variance-preserving stochastic interpolant (Albergo et al. 2023).
+
+    It has a velocity, so `generate`, `invert`, the Jacobians, log-determinants
+    and Lyapunov spectra run on it (start `generate` from source samples), but no
+    score: the marginals are not Gaussian smoothings of the data, so `sample_sde`
+    and `sample_ddpm` refuse it.
+
+    **Arguments:**
+
+    - `network`: a callable `f(x, t) -> (n,)` predicting the velocity.
+    - `path`: the interpolation coefficients it was trained with.
+    """
+
+    network: Callable
+    path: AbstractPath
+
+    def __init__(self, network: Callable, path: AbstractPath):
+        if not callable(network):
+            raise ValueError(f"network must be callable f(x, t), got {type(network).__name__}.")
+        if not isinstance(path, AbstractPath):
+            raise ValueError(f"InterpolantField needs an AbstractPath, got {type(path).__name__}.")
+        self.network = network
+        self.path = path
+
+    def velocity_unchecked(self, x, t):
+        return jnp.asarray(self.network(x, t), x.dtype)
+
+    def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+        """`E[X | X_t = x]`, from `x = alpha D + sigma E[X0 | X_t]` and
+        `v = alpha' D + sigma' E[X0 | X_t]` (both hold for any source)."""
+        x = check_time_in_range(self.path, x, t)
+        return _to_denoise_and_noise(self.path, "velocity", x, t, self.velocity_unchecked(x, t))[0]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fields import AbstractField, AnalyticField, _divergence, _divergence_method
+from ._fields import AbstractVelocityField, AnalyticField, _divergence, _divergence_method
 from ._instability import log_abs_det_jacobian
 from ._solve import _prepare, generate, invert, solve_ode, span
 
@@ -20,7 +20,7 @@ def _span(field, kwargs):
 
 
 def log_det_generation(
-    field: AbstractField,
+    field: AbstractVelocityField,
     z: Float[Array, " n"],
     *,
     route: str = "divergence",
@@ -83,7 +83,7 @@ def _solve_with_divergence(field, y0, start, end, key, divergence, what, kwargs)
 
 
 def invert_with_log_det(
-    field: AbstractField,
+    field: AbstractVelocityField,
     x: Float[Array, " n"],
     *,
     key: PRNGKeyArray | None = None,
@@ -108,7 +108,7 @@ def invert_with_log_det(
 
 
 def generate_with_jacobian(
-    field: AbstractField, z: Float[Array, " n"], **solve_kwargs
+    field: AbstractVelocityField, z: Float[Array, " n"], **solve_kwargs
 ) -> tuple[Float[Array, " n"], Float[Array, "n n"]]:
     """`(G(z), J_G(z))` from one solve of the variational equation
     `dx/dt = v(x, t)`, `dJ/dt = (dv/dx)(x, t) J`, `J(t_noise) = I`.

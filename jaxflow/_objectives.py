@@ -6,7 +6,10 @@ parameterisation (paper 002 eq. 4.33-4.34; Ho et al. 2020).
 With `X_t = alpha X + sigma Z`, the minimiser over functions of `(x, t)` of
 `E |f(X_t, t) - target|^2` is `E[target | X_t = x]`: for the targets below these
 are exactly `v`, `Zhat`, `D` and `s` of DESIGN §2, so a network trained on
-samples of a closed-form law converges to its `AnalyticField`.
+samples of a closed-form law converges to its `AnalyticField`. With another
+source law `X0` in place of `Z` (stochastic interpolants, Albergo et al. 2023) the
+velocity target's minimiser is still the interpolant's velocity
+`E[alpha' X + sigma' X0 | X_t = x]`: an `InterpolantField`.
 """
 
 from collections.abc import Callable
@@ -67,6 +70,7 @@ def flow_matching_loss(
     *,
     parameterisation: str = "velocity",
     coupling: str = "independent",
+    source: Callable[[PRNGKeyArray, int], Float[Array, "b n"]] | None = None,
     t_margin: float = 1e-3,
 ) -> Float[Array, ""]:
     """Mean of `|f(X_t, t) - target|^2` over a batch, `t` uniform on the path's span
@@ -84,6 +88,11 @@ def flow_matching_loss(
     - `coupling`: `'independent'` or `'ot'` (minibatch OT pairing of `Z` with `X`,
       OT-CFM; the pairing changes the conditional law, so only the velocity
       target keeps its meaning there).
+    - `source`: `source(key, b) -> (b, n)` draws the source law `X0` of the
+      interpolant `X_t = alpha X + sigma X0` (e.g. `jf.data.eight_gaussians`,
+      paper 003 G.5); default the standard normal, `X0 = Z`. With another source
+      only the velocity target keeps its meaning: read the network with
+      `jf.InterpolantField`.
     - `t_margin`: keeps `t` off the ends, where some targets divide by zero.
 
     **Returns:** the scalar loss.
@@ -96,6 +105,11 @@ def flow_matching_loss(
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}.")
     if coupling == "ot" and parameterisation != "velocity":
         raise ValueError("the OT coupling is defined for the velocity target only.")
+    if source is not None and parameterisation != "velocity":
+        raise ValueError(
+            "a non-Gaussian source leaves only the velocity target meaningful; use "
+            "parameterisation='velocity'."
+        )
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x must be a batch of shape (b, n), got {x.shape}.")
@@ -104,7 +118,14 @@ def flow_matching_loss(
     lo = path.t_data + t_margin * path.t_noise
     hi = path.t_noise * (1 - t_margin)
     t = jax.random.uniform(kt, (b,), x.dtype, lo, hi)
-    z = jax.random.normal(kz, x.shape, x.dtype)
+    if source is None:
+        z = jax.random.normal(kz, x.shape, x.dtype)
+    else:
+        z = jnp.asarray(source(kz, b), x.dtype)
+        if z.shape != x.shape:
+            raise ValueError(
+                f"source(key, {b}) must return the batch's shape {x.shape}, got {z.shape}."
+            )
     if coupling == "ot":
         z = ot_pairing(x, z, kp)
 

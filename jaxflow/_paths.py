@@ -136,14 +136,19 @@ class Cosine(AbstractPath):
 
     **Arguments:**
 
-    - `offset`: the small offset `d > 0` (default 0.008).
+    - `offset`: the small offset `d >= 0` (default 0.008). With `d = 0`,
+      `alpha = cos(pi t / 2)`, `sigma = sin(pi t / 2)`: the variance-preserving
+      stochastic interpolant (Albergo et al. 2023), whose `sigma'` stays finite at
+      `t = 0` (it is `~ 1 / sqrt(t)` for `d > 0`).
     """
 
     offset: float = eqx.field(static=True)
     t_noise: float = eqx.field(static=True, default=1.0)
 
     def __init__(self, offset: float = 0.008):
-        _check_scalar("Cosine offset", offset, lower=0.0)
+        _check_scalar("Cosine offset", offset)
+        if offset < 0:
+            raise ValueError(f"Cosine offset must be >= 0, got {offset}.")
         self.offset = float(offset)
 
     def _theta(self, t):
@@ -166,6 +171,9 @@ class Cosine(AbstractPath):
         return -jnp.sin(self._theta(t)) * dtheta / c0
 
     def d_sigma(self, t):
+        if self.offset == 0.0:
+            # sigma = sin(theta): the quotient below is 0 / 0 at t = 0
+            return 0.5 * jnp.pi * jnp.cos(self._theta(t))
         return self.sigma_d_sigma(t) / self.sigma(t)
 
     def sigma_d_sigma(self, t):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._fields import AbstractField, check_time_in_range
+from ._fields import AbstractField, AbstractVelocityField, check_time_in_range
 
 _NAMED_SOLVERS = {
     "euler": diffrax.Euler,
@@ -53,7 +53,7 @@ def _is_adaptive(solver) -> bool:
     return isinstance(solver, diffrax.AbstractAdaptiveSolver)
 
 
-def _check_span(field: AbstractField, t_start, t_end):
+def _check_span(field: AbstractVelocityField, t_start, t_end):
     path = field.path
     for name, t in (("t_start", t_start), ("t_end", t_end)):
         if isinstance(t, (int, float)) and not (path.t_data <= t <= path.t_noise):
@@ -144,9 +144,15 @@ def solve_ode(
     )
 
 
-def _prepare(field, x, t_start, t_end, what):
-    if not isinstance(field, AbstractField):
+def _prepare(field, x, t_start, t_end, what, needs_score=False):
+    if not isinstance(field, AbstractVelocityField):
         raise ValueError(f"{what} needs a jaxflow field, got {type(field).__name__}.")
+    if needs_score and not isinstance(field, AbstractField):
+        raise ValueError(
+            f"{what} needs a score, and a {type(field).__name__} has a velocity only (a "
+            "flow learned from a non-Gaussian source); integrate its PF-ODE with "
+            "jf.generate instead."
+        )
     x = jnp.asarray(x)
     if x.ndim != 1:
         raise ValueError(
@@ -165,7 +171,7 @@ def _prepare(field, x, t_start, t_end, what):
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{what}: input contains NaN or inf.")
 
 
-def span(field: AbstractField, t_noise=None, t_data=None) -> tuple:
+def span(field: AbstractVelocityField, t_noise=None, t_data=None) -> tuple:
     """`(t_noise, t_data)`: the path's ends unless overridden."""
     return (
         field.path.t_noise if t_noise is None else t_noise,
@@ -185,7 +191,7 @@ def _pf_ode(field, y, what, *, t_noise, t_data, **solve_kwargs):
 
 
 def generate(
-    field: AbstractField,
+    field: AbstractVelocityField,
     z: Float[Array, " n"],
     *,
     solver="dopri5",
@@ -202,7 +208,8 @@ def generate(
 
     **Arguments:**
 
-    - `field`: any `AbstractField`.
+    - `field`: any field (`AbstractVelocityField`): analytic, learned or an
+      `InterpolantField`.
     - `z`: one point `(n,)`; batch with `jax.vmap`.
     - `solver`: `'euler' | 'heun' | 'midpoint' | 'dopri5' | 'tsit5' | 'dopri8'` or a
       `diffrax.AbstractSolver`.
@@ -232,7 +239,7 @@ def generate(
 
 
 def invert(
-    field: AbstractField,
+    field: AbstractVelocityField,
     x: Float[Array, " n"],
     *,
     solver="dopri5",
@@ -261,14 +268,16 @@ def invert(
     )
 
 
-def reconstruct(field: AbstractField, x: Float[Array, " n"], **solve_kwargs) -> Float[Array, " n"]:
+def reconstruct(
+    field: AbstractVelocityField, x: Float[Array, " n"], **solve_kwargs
+) -> Float[Array, " n"]:
     """`Ghat(Ghat^{-1}(x))`: invert then regenerate with the same solver settings
     (paper 000 Sec. 3.2, Algorithm 1). Keywords as for `generate`."""
     return generate(field, invert(field, x, **solve_kwargs), **solve_kwargs)
 
 
 def reconstruction_error(
-    field: AbstractField, x: Float[Array, " n"], **solve_kwargs
+    field: AbstractVelocityField, x: Float[Array, " n"], **solve_kwargs
 ) -> Float[Array, ""]:
     """`R(x) = |x - Ghat(Ghat^{-1}(x))| / sqrt(n)` (paper 000 eq. 4)."""
     x_hat = reconstruct(field, x, **solve_kwargs)
@@ -304,7 +313,7 @@ def sample_sde(
     path = field.path
     t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
     t0 = path.t_data if t_data is None else t_data
-    z = _prepare(field, z, t1, t0, "sample_sde")
+    z = _prepare(field, z, t1, t0, "sample_sde", needs_score=True)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}.")
     length = t1 - t0

@@ -43,6 +43,18 @@ def test_ends_of_the_path(name):
         assert float(path.sigma(path.t_noise)) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_cosine_without_offset_is_the_variance_preserving_interpolant():
+    path = jf.Cosine(0.0)
+    t = jnp.linspace(0, 1, 11)
+    np.testing.assert_allclose(path.alpha(t), jnp.cos(jnp.pi * t / 2), atol=1e-12)
+    np.testing.assert_allclose(path.sigma(t), jnp.sin(jnp.pi * t / 2), atol=1e-12)
+    np.testing.assert_allclose(path.d_sigma(t), jnp.pi / 2 * jnp.cos(jnp.pi * t / 2), atol=1e-12)
+    np.testing.assert_allclose(path.d_alpha(t), jax.vmap(jax.grad(path.alpha))(t), atol=1e-12)
+    assert float(path.d_sigma(0.0)) == pytest.approx(np.pi / 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        jf.Cosine(-0.1)
+
+
 def test_cosine_matches_its_definition():
     d = 0.008
     path = jf.Cosine(d)
