@@ -64,7 +64,7 @@ GOOD_COV = np.stack([np.eye(2)] * 2)
             "same shape",
         ),
         (lambda: jf.OrnsteinUhlenbeck(-1.0), "> 0"),
-        (lambda: jf.Cosine(0.0), "> 0"),
+        (lambda: jf.Cosine(-0.01), ">= 0"),
         (lambda: jf.AnalyticField(jf.RectifiedFlow(), jf.RectifiedFlow()), "AbstractLaw"),
     ],
 )
