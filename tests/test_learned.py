@@ -80,6 +80,29 @@ def test_networks_shapes_jit_vmap_and_jacobian():
     np.testing.assert_allclose(jac @ u, v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channel_last_layers_match_equinox(stride):
+    """The UNet's own channel-last convolution and group norm (fast inside XLA:CPU
+    loops) against Equinox's channel-first layers on the transposed image."""
+    from jaxflow._networks import _Conv, _GroupNorm
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(stride), 3)
+    ref = eqx.nn.Conv2d(6, 4, 3, stride=stride, padding=1, key=k1)
+    conv = eqx.tree_at(
+        lambda c: (c.weight, c.bias),
+        _Conv(6, 4, 3, stride=stride, padding=1),
+        (jnp.transpose(ref.weight, (2, 3, 1, 0)), ref.bias[:, 0, 0]),
+    )
+    x = jax.random.normal(k2, (8, 8, 6))
+    chw = jnp.transpose(x, (2, 0, 1))
+    np.testing.assert_allclose(conv(x), jnp.transpose(ref(chw), (1, 2, 0)), rtol=1e-10, atol=1e-12)
+    gn_ref = eqx.nn.GroupNorm(3, 6)
+    scale, shift = jax.random.normal(k3, (2, 6))
+    gn_ref = eqx.tree_at(lambda g: (g.weight, g.bias), gn_ref, (scale, shift))
+    gn = eqx.tree_at(lambda g: (g.weight, g.bias), _GroupNorm(3, 6), (scale, shift))
+    np.testing.assert_allclose(gn(x), jnp.transpose(gn_ref(chw), (1, 2, 0)), rtol=1e-8, atol=1e-10)
+
+
 def test_bad_input_raises():
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="divisible"):
