@@ -10,7 +10,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractField, AbstractVelocityField, check_time_in_range
 
@@ -65,7 +66,11 @@ def _check_span(field: AbstractVelocityField, t_start, t_end):
             raise ValueError("t_start equals t_end: nothing to integrate.")
 
 
-def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype):
+def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=None):
+    if times is not None:
+        if steps is not None:
+            raise ValueError("give either steps= (equal steps) or times= (a grid), not both.")
+        return diffrax.StepTo(times), None, times.shape[0] - 1
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}.")
@@ -96,6 +101,7 @@ def solve_ode(
     max_steps=DEFAULT_MAX_STEPS,
     adjoint=None,
     what="solve",
+    times=None,
 ):
     """Integrate `dy/dt = vector_field(t, y)` from `t_start` to `t_end`; return `y(t_end)`.
 
@@ -104,7 +110,11 @@ def solve_ode(
     """
     solver = _get_solver(solver)
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
-    controller, dt0, fixed = _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype)
+    if times is not None:
+        times = jnp.asarray(times, dtype)
+    controller, dt0, fixed = _controller_and_dt0(
+        solver, steps, rtol, atol, t_start, t_end, dtype, times
+    )
     if fixed is not None:
         max_steps = fixed
     # diffrax promotes the state to the time's dtype: keep float32 states float32
@@ -179,14 +189,41 @@ def span(field: AbstractVelocityField, t_noise=None, t_data=None) -> tuple:
     )
 
 
-def _pf_ode(field, y, what, *, t_noise, t_data, **solve_kwargs):
+def _check_times(times, t_noise, t_data):
+    if isinstance(times, jax.core.Tracer):
+        raise ValueError("times must be a concrete grid (a NumPy array), not traced under jit.")
+    times = np.asarray(times, dtype=float)
+    if times.ndim != 1 or times.shape[0] < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 times, got shape {times.shape}.")
+    if not np.all(np.diff(times) > 0):
+        raise ValueError(
+            "times must increase strictly from the data end to the noise end (generate "
+            "walks the grid backwards, invert forwards)."
+        )
+    if t_noise is not None or t_data is not None:
+        raise ValueError("times= sets the span's ends; leave t_noise and t_data unset.")
+    return times
+
+
+def _pf_ode(field, y, what, *, t_noise, t_data, times=None, **solve_kwargs):
     """The PF-ODE from one end of the span to the other: towards the data for
     `generate`, towards the noise for `invert`."""
+    if times is not None:
+        times = _check_times(times, t_noise, t_data)
+        t_noise, t_data = float(times[-1]), float(times[0])
+        if what == "generate":
+            times = times[::-1]
     t1, t0 = span(field, t_noise, t_data)
     start, end = (t1, t0) if what == "generate" else (t0, t1)
     y = _prepare(field, y, start, end, what)
     return solve_ode(
-        lambda t, y: field.velocity_unchecked(y, t), y, start, end, what=what, **solve_kwargs
+        lambda t, y: field.velocity_unchecked(y, t),
+        y,
+        start,
+        end,
+        what=what,
+        times=times,
+        **solve_kwargs,
     )
 
 
@@ -202,6 +239,7 @@ def generate(
     t_noise: float | None = None,
     t_data: float | None = None,
     adjoint=None,
+    times: Float[ArrayLike, " k"] | None = None,
 ) -> Float[Array, " n"]:
     """The generation map `G(z)`: the PF-ODE from the noise end to the data end
     (paper 000 Def. 2.1).
@@ -220,6 +258,10 @@ def generate(
     - `t_noise, t_data`: override the ends of the span (e.g. stop at `t_data=1e-3`
       for an `Empirical` law, whose velocity is singular at 0).
     - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work).
+    - `times`: instead of `steps`, a fixed grid, increasing from the data end to the
+      noise end (`generate` walks it backwards, `invert` forwards, so a
+      reconstruction uses one grid both ways); its ends are the span. Fine steps
+      where the field is stiff, e.g. `np.geomspace` near `t = 0` on the OU path.
 
     **Returns:** `G(z)`, shape `(n,)`.
     """
@@ -235,6 +277,7 @@ def generate(
         atol=atol,
         max_steps=max_steps,
         adjoint=adjoint,
+        times=times,
     )
 
 
@@ -250,6 +293,7 @@ def invert(
     t_noise: float | None = None,
     t_data: float | None = None,
     adjoint=None,
+    times: Float[ArrayLike, " k"] | None = None,
 ) -> Float[Array, " n"]:
     """The inversion map `G^{-1}(x)`: the PF-ODE from the data end to the noise end
     (paper 000 Def. 2.1). Arguments as for `generate`."""
@@ -265,6 +309,7 @@ def invert(
         atol=atol,
         max_steps=max_steps,
         adjoint=adjoint,
+        times=times,
     )
 
 

@@ -148,3 +148,30 @@ def test_variational_jacobian_equals_jacfwd_through_the_solver():
     np.testing.assert_allclose(
         jac, jax.jacfwd(lambda y: jf.generate(field, y, **SOLVE))(z), rtol=1e-6, atol=1e-8
     )
+
+
+def test_a_time_grid_is_walked_backwards_by_generate_and_forwards_by_invert():
+    """`times=`: Euler on a geometric grid against the same Euler steps written out,
+    and an equal-step grid against `steps=`."""
+    field = jf.AnalyticField(make_mixture(np.random.default_rng(3), 2), jf.OrnsteinUhlenbeck(3.0))
+    times = np.concatenate([[0.0], np.geomspace(1e-2, 3.0, 12)])
+    z = jnp.array([0.3, -1.2])
+    x = z
+    for t, t_next in zip(times[::-1][:-1], times[::-1][1:]):
+        x = x + (t_next - t) * field.velocity(x, t)
+    np.testing.assert_allclose(jf.generate(field, z, solver="euler", times=times), x, rtol=1e-12)
+    y = x
+    for t, t_next in zip(times[:-1], times[1:]):
+        y = y + (t_next - t) * field.velocity(y, t)
+    np.testing.assert_allclose(jf.invert(field, x, solver="euler", times=times), y, rtol=1e-12)
+    np.testing.assert_allclose(
+        jf.generate(field, z, solver="heun", times=np.linspace(0.0, 3.0, 9)),
+        jf.generate(field, z, solver="heun", steps=8),
+        rtol=1e-12,
+    )
+    with pytest.raises(ValueError, match="increase strictly"):
+        jf.generate(field, z, solver="euler", times=times[::-1])
+    with pytest.raises(ValueError, match="not both"):
+        jf.generate(field, z, solver="euler", times=times, steps=4)
+    with pytest.raises(ValueError, match="outside the path's range"):
+        jf.invert(field, z, solver="euler", times=np.array([0.0, 1.0, 4.0]))
