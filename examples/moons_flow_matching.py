@@ -2,16 +2,24 @@
 robustness to vector-field errors, and the alignment of their leading Lyapunov
 vector with the support.
 
-Three models are trained here by `jf.train` on 20,000 points of the moons (the
-curves themselves, no noise), each an `MLP` read as a `LearnedField`:
+Four models are trained here by `jf.train` on 20,000 points of the moons (the
+curves themselves, no noise), each an `MLP`:
 
-- `cfm`: conditional flow matching on the rectified-flow path, independent coupling;
+- `cfm`: conditional flow matching on the straight line `(1 - t) X + t X0`,
+  independent coupling;
 - `ot_cfm`: the same with the minibatch optimal-transport coupling (Tong et al. 2024);
+- `si`: the variance-preserving stochastic interpolant `cos(pi t / 2) X +
+  sin(pi t / 2) X0` (Albergo et al. 2023; `jf.Cosine(0.0)`);
 - `sgm`: a score-based model, denoising score matching (noise parameterisation) on
-  the cosine path.
+  the cosine path, read as a `LearnedField`.
 
-Each generates 1000 samples with its probability-flow ODE (Euler) from a standard
-normal source, with the velocity perturbed by `eps * chi` (the smooth `chi` of
+The three flow models learn from the source `--source` (paper 003 G.5 uses eight
+Gaussians, the default, and reports the same with a standard normal); with eight
+Gaussians they are `InterpolantField`s, with a velocity and no score. The
+score-based model starts from the standard normal, as it must.
+
+Each generates 1000 samples with its probability-flow ODE (Euler) from its source,
+with the velocity perturbed by `eps * chi` (the smooth `chi` of
 `moons_score_error.py`, sup norm 1: an L-infinity error of size `eps`, as in
 Fig. 7) for `eps = 0, 0.5, 1`. At `eps = 0`, the finite-time Lyapunov spectrum of
 each path gives its leading vector `q_1` at the sample (Fig. 8), compared with the
@@ -54,26 +62,49 @@ import jaxflow as jf  # noqa: E402
 MODELS = dict(
     cfm=dict(path="rectified_flow", parameterisation="velocity", coupling="independent"),
     ot_cfm=dict(path="rectified_flow", parameterisation="velocity", coupling="ot"),
+    si=dict(path="vp_interpolant", parameterisation="velocity", coupling="independent"),
     sgm=dict(path="cosine", parameterisation="noise", coupling="independent"),
 )
 # the cosine path's velocity, read from a noise prediction, grows like 1/(1 - t)
 # at the noise end; start it where Euler steps stay stable
-T_START = dict(rectified_flow=1.0, cosine=0.98)
+T_START = dict(rectified_flow=1.0, vp_interpolant=1.0, cosine=0.98)
+SOURCES = ("eight_gaussians", "normal")
 EPS = (0.0, 0.5, 1.0)
 
 
 def make_path(name):
-    return jf.RectifiedFlow() if name == "rectified_flow" else jf.Cosine()
+    return dict(
+        rectified_flow=jf.RectifiedFlow(), vp_interpolant=jf.Cosine(0.0), cosine=jf.Cosine()
+    )[name]
+
+
+def eight_gaussians(key, b):
+    return jf.data.eight_gaussians(key, b, dtype=jnp.float64)
+
+
+def source_of(spec, args):
+    """The model's source sampler, or None for the standard normal."""
+    if spec["parameterisation"] == "velocity" and args.source == "eight_gaussians":
+        return eight_gaussians
+    return None
 
 
 def train_model(name, spec, data, args, width, depth):
     path = make_path(spec["path"])
+    source = source_of(spec, args)
     model = jf.MLP(2, width, depth, key=jax.random.PRNGKey(args.seed + 1))
-    cache = os.path.join(args.cache, f"moons_{name}_{args.train_steps}_{width}x{depth}")
+    tag = "8g" if source is not None else "normal"
+    cache = os.path.join(args.cache, f"moons_{name}_{tag}_{args.train_steps}_{width}x{depth}")
 
     def loss(m, x, k):
         return jf.flow_matching_loss(
-            m, path, x, k, parameterisation=spec["parameterisation"], coupling=spec["coupling"]
+            m,
+            path,
+            x,
+            k,
+            parameterisation=spec["parameterisation"],
+            coupling=spec["coupling"],
+            source=source,
         )
 
     result = jf.train(
@@ -87,9 +118,11 @@ def train_model(name, spec, data, args, width, depth):
         chunk=250,
         checkpoint_dir=cache,
         checkpoint_every=args.train_steps,
-        config=dict(model=name, **spec),
+        config=dict(model=name, source=tag, **spec),
         progress=not args.quick,
     )
+    if source is not None:
+        return jf.InterpolantField(result.ema, path), result
     return jf.LearnedField(result.ema, path, spec["parameterisation"]), result
 
 
@@ -111,6 +144,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None, help="generated samples (1000)")
     p.add_argument("--ode-steps", type=int, default=None, help="Euler steps (200)")
     p.add_argument("--cache", default=None, help="trained weights (default <out>/cache)")
+    p.add_argument(
+        "--source", choices=SOURCES, default="eight_gaussians", help="flow models' source"
+    )
     args = p.parse_args(argv)
     args.train_steps = args.train_steps or (200 if args.quick else 4000)
     args.cache = args.cache or os.path.join(args.out, "cache")
@@ -137,6 +173,7 @@ def main(argv=None):
                 t_end=1e-3,
                 samples=samples,
             ),
+            source=dict(flow_models=args.source, sgm="normal"),
             error="eps * chi added to the velocity, chi smooth with sup norm 1",
             eps=EPS,
             seed=args.seed,
@@ -153,7 +190,10 @@ def main(argv=None):
         field, trained = train_model(name, spec, data, args, width, depth)
         path = field.path
         t_start = T_START[spec["path"]]
-        z = float(path.sigma(t_start)) * jax.random.normal(z_key, (samples, 2), jnp.float64)
+        if source_of(spec, args) is not None:
+            z = eight_gaussians(z_key, samples)
+        else:
+            z = float(path.sigma(t_start)) * jax.random.normal(z_key, (samples, 2), jnp.float64)
         run = eqx.filter_jit(
             jax.vmap(
                 lambda z, eps, field=field, t_start=t_start: generate(

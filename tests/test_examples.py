@@ -200,13 +200,15 @@ def test_ou_memorisation(tmp_path):
 
 @pytest.mark.slow
 def test_moons_flow_matching(tmp_path):
-    """Paper 003 G.5 at toy size: three models train (the OT coupling lowers the
-    flow-matching loss, as straighter pairings should), generate, and give
-    finite spectra and alignments; trained weights are cached and reused."""
+    """Paper 003 G.5 at toy size: four models train, the flow models from eight
+    Gaussians (the OT coupling lowers the flow-matching loss, as straighter
+    pairings should), generate, and give finite spectra and alignments; trained
+    weights are cached under names that say the source."""
     rec = run_example("moons_flow_matching", tmp_path)
     res = rec["results"]
     models = res["per_model"]
-    assert set(models) == {"cfm", "ot_cfm", "sgm"}
+    assert set(models) == {"cfm", "ot_cfm", "si", "sgm"}
+    assert rec["settings"]["source"] == {"flow_models": "eight_gaussians", "sgm": "normal"}
     assert models["ot_cfm"]["final_loss"] < 0.5 * models["cfm"]["final_loss"]
     for m in models.values():
         assert np.isfinite(m["final_loss"])
@@ -216,4 +218,39 @@ def test_moons_flow_matching(tmp_path):
         assert 0 <= base["median_alignment_score_q1"] <= 1
         assert all(np.isfinite(base["median_exponents"]))
     assert sorted(res["ranking_by_robustness"]) == sorted(models)
-    assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"moons_{m}_200_64x2" for m in models)
+    expected = [f"moons_{m}_8g_200_64x2" for m in ("cfm", "ot_cfm", "si")]
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+        expected + ["moons_sgm_normal_200_64x2"]
+    )
+
+
+@pytest.mark.slow
+def test_digits_lyapunov_and_reconstruction_share_one_trained_model(tmp_path):
+    """Paper 003 Fig. 2/5 and paper 000 Fig. 4(b) on the digits at toy size: the
+    full spectrum (n = 64) sums to the log-determinant of the composed DDPM map,
+    the intrinsic-dimension estimates are those of the real digits, and the
+    second script reuses the first one's cached weights."""
+    rec = run_example("digits_lyapunov", tmp_path)
+    res = rec["results"]
+    assert len(res["exponents_mean"]) == 64 and all(np.isfinite(res["exponents_mean"]))
+    assert res["training"]["final_loss"] is not None
+    np.testing.assert_allclose(
+        res["sum_of_exponents_times_steps_sample_0"],
+        res["log_abs_det_jacobian_sample_0"],
+        rtol=1e-3,
+    )
+    assert 1 <= res["gap_index"] <= 63
+    # the 1797 real digits: PCA needs 21 components for 90% of the variance; the
+    # Levina-Bickel estimate (k = 10) is 7.4
+    assert res["pca_dimension_90"] == 21 and res["pca_dimension_95"] == 29
+    assert 6 < res["intrinsic_dimension_mle"]["10"] < 9
+    assert len(res["nearest_training_distance_moved_median"]) == 64
+
+    rec = run_example("digits_reconstruction", tmp_path)
+    res = rec["results"]
+    assert res["training"]["final_loss"] is None  # loaded from the cache
+    assert os.listdir(tmp_path / "cache") == ["digits_unet8_60"]
+    r, e = np.asarray(res["R"]), np.asarray(res["E_jvp"])
+    assert r.shape == (8,) and np.all(r > 0) and np.all(e > 0)
+    # the paper's finite-difference estimate approximates the JVP
+    assert res["fd_vs_jvp_median_rel_diff"] < 0.1

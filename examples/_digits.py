@@ -1,0 +1,101 @@
+"""The digits score model shared by `digits_lyapunov.py` and
+`digits_reconstruction.py`: a `UNet` trained by denoising score matching (noise
+parameterisation, paper 003 G.3; Ho et al. 2020) on scikit-learn's 1797 8x8 digits
+under the Ornstein-Uhlenbeck path, cached under `--cache` so that the second
+script reuses the first one's weights; and its DDPM generation process, a map per
+step with the noise frozen (paper 003 appendix A: a random dynamical system).
+"""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxflow as jf
+
+T_NOISE = 5.0  # sigma^2(T) = 1 - e^-10: the standard normal is the noise law
+T_MIN = 1e-3  # the last DDPM step goes from here to t = 0 (the denoiser's value)
+IMAGE = (1, 8, 8)
+
+
+def add_model_arguments(p):
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (3000)")
+    p.add_argument("--channels", type=int, default=None, help="UNet channels (16)")
+    p.add_argument("--cache", default=None, help="trained weights (default <out>/cache)")
+
+
+def model_settings(args):
+    """Fills in the defaults (smaller under `--quick`) and returns the settings."""
+    args.train_steps = args.train_steps or (60 if args.quick else 3000)
+    args.channels = args.channels or (8 if args.quick else 16)
+    args.cache = args.cache or os.path.join(args.out, "cache")
+    return dict(
+        data="scikit-learn digits, 1797 images 8x8 in [-1, 1]",
+        path=f"OrnsteinUhlenbeck(T={T_NOISE})",
+        network=dict(kind="UNet", channels=args.channels, multipliers=(1, 2), blocks=1),
+        objective="denoising score matching, noise parameterisation (paper 002 eq. 4.34)",
+        training=dict(
+            steps=args.train_steps,
+            batch=128,
+            optimiser="adam, warm-up 100 steps then cosine decay from 2e-3",
+            ema=0.999,
+        ),
+    )
+
+
+def digits_field(args):
+    """`(field, data, info)`: the trained (or cached) model as a `LearnedField`."""
+    data, _ = jf.data.digits(8)
+    path = jf.OrnsteinUhlenbeck(T=T_NOISE)
+    net = jf.UNet(IMAGE, args.channels, (1, 2), 1, key=jax.random.PRNGKey(args.seed + 1))
+    cache = os.path.join(args.cache, f"digits_unet{args.channels}_{args.train_steps}")
+
+    def loss(m, x, k):
+        return jf.denoising_score_matching_loss(m, path, x, k)
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 100, max(args.train_steps, 101))
+    start = time.perf_counter()
+    result = jf.train(
+        net,
+        loss,
+        data,
+        steps=args.train_steps,
+        key=jax.random.PRNGKey(args.seed + 2),
+        optimiser=optax.adam(schedule),
+        batch_size=128,
+        chunk=100,
+        checkpoint_dir=cache,
+        checkpoint_every=1000,
+        config=dict(model="digits", channels=args.channels),
+        progress=not args.quick,
+    )
+    seconds = time.perf_counter() - start
+    tail = np.asarray(result.losses[-100:])
+    info = dict(
+        train_seconds=seconds,
+        final_loss=float(tail.mean()) if tail.size else None,
+        note="final_loss: mean per-image loss (sum over 64 pixels) over the last 100 steps"
+        " run in this call; none when the weights came from the cache",
+    )
+    return jf.LearnedField(result.ema, path, "noise"), data, info
+
+
+def ddpm_times(steps: int) -> np.ndarray:
+    """`steps + 1` times from `T_NOISE` down to 0: geometric down to `T_MIN`, where
+    the state is nearly denoised, then a last step to 0."""
+    return np.concatenate([np.geomspace(T_NOISE * (1 - 1e-3), T_MIN, steps), [0.0]])
+
+
+def ddpm_map(field, times, noises):
+    """`step(x, i)`: DDPM step `i` from `times[i]` to `times[i+1]` with the noise
+    `noises[i]` frozen; the last step returns the denoiser's value."""
+    times = jnp.asarray(times)
+
+    def step(x, i):
+        t, t_next = times[i], times[i + 1]
+        return jf.ddpm_step(field.path, x, t, t_next, field.denoise(x, t), noises[i])
+
+    return step
