@@ -1,6 +1,6 @@
-"""Training data: scikit-learn's bundled handwritten digits (offline), and the
-two-moons and eight-Gaussians samplers of the flow-matching literature (paper 003
-appendix G.5; Tong et al. 2024).
+"""Training data: scikit-learn's bundled handwritten digits (offline), MNIST through
+tensorflow-datasets, and the two-moons and eight-Gaussians samplers of the
+flow-matching literature (paper 003 appendix G.5; Tong et al. 2024).
 
 Images come back flat, `(N, C * H * W)`, scaled to `[-1, 1]`, to feed `jf.UNet`
 and every analysis that works on flat vectors.
@@ -44,6 +44,51 @@ def digits(size: int = 8, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     if size == 32:
         images = images.repeat(2, axis=1).repeat(2, axis=2)
     return images.reshape(len(images), -1).astype(dtype), bunch.target.astype(np.int32)
+
+
+def mnist(
+    split: str = "train",
+    *,
+    size: int = 28,
+    data_dir: str | None = None,
+    download: bool = True,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST (paper 003 G.3) through tensorflow-datasets' `data_source`, which
+    reads the prepared ArrayRecord files without TensorFlow.
+
+    The first call downloads and prepares the dataset under `data_dir` (default
+    `~/tensorflow_datasets`); later calls read it from there. Tests run it under
+    `tfds.testing.mock_data`, which nothing downloads.
+
+    **Arguments:**
+
+    - `split`: a tfds split (`'train'`, `'test'`, `'train[:1000]'`, ...).
+    - `size`: 28 (native) or 32 (zero-padded by 2 pixels of background, so that
+      a UNet can halve it three times).
+    - `data_dir`, `download`: passed to `tfds.data_source`.
+    - `dtype`: of the images.
+
+    **Returns:** images `(N, size * size)` in `[-1, 1]` (ink is +1) and labels `(N,)`.
+    """
+    if size not in (28, 32):
+        raise ValueError(f"size must be 28 or 32, got {size!r}.")
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            "jaxflow.data.mnist needs tensorflow-datasets: pip install 'jaxflow[data]'."
+        ) from e
+    source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=download)
+    records = [source[i] for i in range(len(source))]
+    if not records:
+        raise ValueError(f"the MNIST split {split!r} is empty.")
+    images = np.stack([np.asarray(r["image"]).reshape(28, 28) for r in records])
+    labels = np.asarray([int(r["label"]) for r in records], np.int32)
+    images = images.astype(np.float64) / 127.5 - 1.0
+    if size == 32:
+        images = np.pad(images, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)
+    return images.reshape(len(images), -1).astype(dtype), labels
 
 
 def two_moons(

@@ -157,11 +157,11 @@ def test_a_time_grid_is_walked_backwards_by_generate_and_forwards_by_invert():
     times = np.concatenate([[0.0], np.geomspace(1e-2, 3.0, 12)])
     z = jnp.array([0.3, -1.2])
     x = z
-    for t, t_next in zip(times[::-1][:-1], times[::-1][1:]):
+    for t, t_next in zip(times[::-1][:-1], times[::-1][1:], strict=True):
         x = x + (t_next - t) * field.velocity(x, t)
     np.testing.assert_allclose(jf.generate(field, z, solver="euler", times=times), x, rtol=1e-12)
     y = x
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
         y = y + (t_next - t) * field.velocity(y, t)
     np.testing.assert_allclose(jf.invert(field, x, solver="euler", times=times), y, rtol=1e-12)
     np.testing.assert_allclose(

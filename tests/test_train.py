@@ -1,6 +1,8 @@
 """The training loop (exact resumption from orbax checkpoints, EMA, failure on a
 non-finite loss) and the data loaders."""
 
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -157,6 +159,29 @@ def test_digits_are_the_real_dataset_in_range():
     np.testing.assert_array_equal(x32.reshape(-1, 32, 32)[:, ::2, ::2], img)
     with pytest.raises(ValueError, match="size"):
         jf.data.digits(12)
+
+
+def test_mnist_through_tensorflow_datasets_mock_data(monkeypatch):
+    """`data.mnist` reads tfds' records (random images under `mock_data`; nothing
+    downloads) and maps the uint8 pixels to [-1, 1], flat, padded for 32."""
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=10):
+        x, y = jf.data.mnist("train")
+        raw = tfds.data_source("mnist", split="train")
+        pixels = np.stack([np.asarray(raw[i]["image"]) for i in range(10)]).reshape(10, 784)
+        x32, y32 = jf.data.mnist("train", size=32)
+    assert x.shape == (10, 784) and x.dtype == np.float32 and y.dtype == np.int32
+    np.testing.assert_allclose(x, pixels / 127.5 - 1.0, rtol=1e-6, atol=1e-6)
+    assert np.all((0 <= y) & (y <= 9))
+    img = x32.reshape(10, 32, 32)
+    np.testing.assert_array_equal(img[:, 2:30, 2:30].reshape(10, 784), x)
+    assert np.all(img[:, :2] == -1) and np.all(img[:, :, 30:] == -1)
+    np.testing.assert_array_equal(y32, y)
+    with pytest.raises(ValueError, match="size"):
+        jf.data.mnist(size=16)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(ImportError, match=r"jaxflow\[data\]"):
+        jf.data.mnist()
 
 
 def test_samplers_lie_on_their_supports():
