@@ -24,8 +24,8 @@ with the velocity perturbed by `eps * chi` (the smooth `chi` of
 Fig. 7) for `eps = 0, 0.5, 1`. At `eps = 0`, the finite-time Lyapunov spectrum of
 each path gives its leading vector `q_1` at the sample (Fig. 8), compared with the
 curve's tangent and with the exact score of the moons under the model's path.
-A table ranks the models by the mass the errors push off the moons and by the
-alignment.
+A table ranks the models by the mass the errors push off the moons (the fraction
+beyond 0.1 at `eps = 1` less that at `eps = 0`) and by the alignment.
 
     python examples/moons_flow_matching.py [--steps 4000] [--samples 1000]
 
@@ -229,26 +229,45 @@ def main(argv=None):
             )
             rows[str(eps)] = row
         results["per_model"][name] = dict(
-            final_loss=float(np.mean(np.asarray(trained.losses)[-100:])),
+            # None when the weights came from the cache (no steps run in this call)
+            final_loss=float(np.mean(np.asarray(trained.losses)[-100:]))
+            if trained.losses.size
+            else None,
             eps=rows,
         )
         print(
-            f"{name:6s}: final loss {results['per_model'][name]['final_loss']:.4g}; median "
+            f"{name:6s}: final loss {results['per_model'][name]['final_loss']}; median "
             f"distance {rows['0.0']['median_distance']:.3f}; beyond 0.1 at eps 0/0.5/1: "
             + "/".join(f"{rows[str(e)]['fraction_beyond_0_1']:.3f}" for e in EPS)
             + f"; median |<s/|s|, q1>| {rows['0.0']['median_alignment_score_q1']:.3f}, "
             f"|<T, q1>| {rows['0.0']['median_tangent_alignment_q1']:.3f}",
             flush=True,
         )
-    ranking = sorted(
-        MODELS,
-        key=lambda m: results["per_model"][m]["eps"]["1.0"]["fraction_beyond_0_1"],
-    )
+
+    def pushed_off(m):
+        # the mass the error moves off the moons: the models start from different
+        # accuracies, so the robustness of the support is the change, not the level
+        rows = results["per_model"][m]["eps"]
+        return rows["1.0"]["fraction_beyond_0_1"] - rows["0.0"]["fraction_beyond_0_1"]
+
+    for m in MODELS:
+        results["per_model"][m]["mass_pushed_off_by_eps_1"] = pushed_off(m)
+    ranking = sorted(MODELS, key=pushed_off)
     results["ranking_by_robustness"] = ranking
+    results["ranking_by_mass_off_at_eps_1"] = sorted(
+        MODELS, key=lambda m: results["per_model"][m]["eps"]["1.0"]["fraction_beyond_0_1"]
+    )
     results["ranking_by_alignment"] = sorted(
         MODELS, key=lambda m: results["per_model"][m]["eps"]["0.0"]["median_alignment_score_q1"]
     )
-    print(f"most robust first: {ranking}; best aligned first: {results['ranking_by_alignment']}")
+    print(
+        "mass pushed off by eps = 1: "
+        + ", ".join(
+            f"{m} {results['per_model'][m]['mass_pushed_off_by_eps_1']:.3f}" for m in MODELS
+        )
+        + f"; most robust first: {ranking}; best aligned first: "
+        f"{results['ranking_by_alignment']}"
+    )
     plot(rec, nodes, generated, results)
     out = rec.write(results)
     print(f"wrote {rec.png_path()} and {out} in {rec.data['wall_time_s']:.1f} s")
