@@ -58,8 +58,10 @@ def mnist(
     reads the prepared ArrayRecord files without TensorFlow.
 
     The first call downloads and prepares the dataset under `data_dir` (default
-    `~/tensorflow_datasets`); later calls read it from there. Tests run it under
-    `tfds.testing.mock_data`, which nothing downloads.
+    `~/tensorflow_datasets`). That one step runs tfds' MNIST builder, which reads
+    the raw files with `tf.io.gfile` and so needs TensorFlow (`pip install
+    tensorflow-cpu`). Later calls read the prepared files without it. Tests run
+    it under `tfds.testing.mock_data`, which downloads nothing.
 
     **Arguments:**
 
