@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractField
 from ._paths import AbstractPath
-from ._solve import _prepare
+from ._solve import _check_times, _prepare
 
 
 def ddpm_coefficients(
@@ -79,9 +79,11 @@ def sample_ddpm(
     steps: int = 1000,
     t_noise: float | None = None,
     t_data: float | None = None,
+    times: Float[ArrayLike, " k"] | None = None,
 ) -> Float[Array, " n"]:
     """DDPM ancestral sampling: `steps` equal steps of `ddpm_step` from `t_noise` to
-    `t_data`, with `x0_bar = field.denoise(x, t)` at the start of each step.
+    `t_data` (or the steps of a given grid), with `x0_bar = field.denoise(x, t)` at
+    the start of each step.
 
     Exact in law, at any step count, when the denoiser is constant (a Dirac target,
     paper 002 Theorem 2); a last step to `t = 0` returns the denoiser's value.
@@ -94,14 +96,23 @@ def sample_ddpm(
     - `steps`: number of equal steps.
     - `t_noise`: start time; default `path.t_noise * (1 - 1e-3)` (as `sample_sde`).
     - `t_data`: end time (default the data end, 0).
+    - `times`: instead of `steps`, `t_noise` and `t_data`, a grid increasing from
+      the data end to the noise end (as for `generate`), walked backwards: fine
+      steps near `t = 0`, where the denoiser changes fastest.
 
     **Returns:** the state at `t_data`.
     """
     path = field.path
-    t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
-    t0 = path.t_data if t_data is None else t_data
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}.")
+    if times is not None:
+        # walked backwards: the noise end first
+        grid = _check_times(times, t_noise, t_data)[::-1].copy()
+        t1, t0, steps = float(grid[0]), float(grid[-1]), grid.shape[0] - 1
+    else:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}.")
+        t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
+        t0 = path.t_data if t_data is None else t_data
+        grid = None
     if isinstance(t1, (int, float)) and isinstance(t0, (int, float)) and not t0 < t1:
         raise ValueError(
             f"sample_ddpm runs towards the data: need t_data < t_noise, got {t0} and {t1}."
@@ -109,10 +120,13 @@ def sample_ddpm(
     z = _prepare(field, z, t1, t0, "sample_ddpm", needs_score=True)
 
     def body(x, i):
-        t = t1 + (t0 - t1) * i / steps
-        # rounding can put the last t_next a hair below the data end, where sigma
-        # is NaN
-        t_next = jnp.maximum(t1 + (t0 - t1) * (i + 1) / steps, t0)
+        if grid is None:
+            t = t1 + (t0 - t1) * i / steps
+            # rounding can put the last t_next a hair below the data end, where
+            # sigma is NaN
+            t_next = jnp.maximum(t1 + (t0 - t1) * (i + 1) / steps, t0)
+        else:
+            t, t_next = jnp.asarray(grid)[i], jnp.asarray(grid)[i + 1]
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return ddpm_step(path, x, t, t_next, field.denoise(x, t), noise), None
 

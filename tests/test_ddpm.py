@@ -89,6 +89,20 @@ def test_dirac_target_sample_ddpm_is_theorem_2():
     assert np.all(np.abs(z_mean) < 4.5) and np.all(np.abs(z_var) < 4.5), (z_mean, z_var)
     again = jf.sample_ddpm(field, start, keys[0], steps=steps, t_noise=T, t_data=T - s)
     np.testing.assert_array_equal(again, xs[0])
+    # a given grid: the equal one reproduces steps=, and a geometric one is exact too
+    equal = np.linspace(T - s, T, steps + 1)
+    np.testing.assert_allclose(
+        jf.sample_ddpm(field, start, keys[0], times=equal), xs[0], rtol=1e-12, atol=1e-12
+    )
+    geometric = np.geomspace(T - s, T, 7)
+    xs = np.asarray(
+        jax.jit(jax.vmap(lambda k: jf.sample_ddpm(field, start, k, times=geometric)))(keys)
+    )
+    z_mean = (xs.mean(0) - m_ref) / np.sqrt(v_ref / len(xs))
+    z_var = (xs.var(0, ddof=1) - v_ref) / (v_ref * np.sqrt(2 / (len(xs) - 1)))
+    assert np.all(np.abs(z_mean) < 4.5) and np.all(np.abs(z_var) < 4.5), (z_mean, z_var)
+    with pytest.raises(ValueError, match="increase strictly"):
+        jf.sample_ddpm(field, start, keys[0], times=geometric[::-1])
 
 
 def test_last_step_to_the_data_end_returns_the_denoiser():

@@ -165,6 +165,7 @@ def test_mnist_through_tensorflow_datasets_mock_data(monkeypatch):
     """`data.mnist` reads tfds' records (random images under `mock_data`; nothing
     downloads) and maps the uint8 pixels to [-1, 1], flat, padded for 32."""
     import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=10):
         x, y = jf.data.mnist("train")
         raw = tfds.data_source("mnist", split="train")
