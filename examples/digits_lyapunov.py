@@ -17,7 +17,12 @@ the full spectrum (n = 64) of the product of their Jacobians comes from
    the distance from `x + delta q_i` to the nearest training digit, for every
    index i, measures how far each direction leaves the data (paper 003: the leading
    vectors stay on the digits' manifold, the trailing ones leave it);
-3. the DDPM trajectory of one sample (Fig. 5, top).
+3. the alignment (paper 003 Def. 4.2): `|<s / |s|, q_i>|` with the model's score
+   `s` at `t = 1e-3` at the sample, and the share of `|s|^2` carried by the
+   leading vectors (Theorem 4.3's alignment: the score normal to the manifold,
+   the leading vectors tangent, so they would carry little of it; a random basis
+   carries `k / 64` in `k`);
+4. the DDPM trajectory of one sample (Fig. 5, top).
 
     python examples/digits_lyapunov.py [--samples 32] [--ddpm-steps 200]
 
@@ -36,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _common import Record, parser  # noqa: E402
 from _digits import (  # noqa: E402
+    T_MIN,
     add_model_arguments,
     ddpm_map,
     ddpm_times,
@@ -146,6 +152,9 @@ def main(argv=None):
     rand = np.array(jax.random.normal(jax.random.PRNGKey(args.seed + 5), (samples, 16, n)))
     rand /= np.linalg.norm(rand, axis=-1, keepdims=True)
     nn_random = nearest_distance((x[:, None, :] + args.delta * rand).reshape(-1, n), data64)
+    score = jax.vmap(lambda y: field.score(y, T_MIN))(jnp.asarray(x, jnp.float32))
+    align = np.asarray(jf.alignment(score, jnp.asarray(vectors, jnp.float32)), np.float64)
+    share = np.median(np.cumsum(align**2, axis=1), 0)
     index = np.arange(1, n + 1)
     median_nn = np.median(nn_moved, 0)
     # where the distance curve levels off: the first index that has come 90% of the
@@ -174,6 +183,9 @@ def main(argv=None):
         nearest_training_distance_moved_median=median_nn,
         nearest_training_distance_random_direction_median=float(np.median(nn_random)),
         distance_knee_index=knee,
+        alignment_score_q=align,
+        alignment_score_q_median=np.median(align, 0),
+        score_share_in_leading_k_median=share,
         spearman_index_vs_distance=spearman,
     )
     print(f"training: {info['train_seconds']:.0f} s, final loss {info['final_loss']}")
@@ -198,8 +210,14 @@ def main(argv=None):
         + f"; random directions {np.median(nn_random):.3f}; Spearman(index, distance) "
         f"{spearman:.2f}; the curve levels off at index {knee}"
     )
+    print(
+        "alignment |<s/|s|, q_i>| (median): "
+        + ", ".join(f"q{i} {np.median(align[:, i - 1]):.3f}" for i in SHOWN)
+        + f"; share of |s|^2 in the leading {knee}: {share[knee - 1]:.3f} (random basis "
+        f"{knee / n:.3f}), in the leading 32: {share[31]:.3f}"
+    )
 
-    fig = plt.figure(figsize=(12, 9.5))
+    fig = plt.figure(figsize=(13, 9.5))
     grid = fig.add_gridspec(4, 6, height_ratios=[1, 1, 1, 1.6])
     shots = np.linspace(0, steps - 1, 5).astype(int)
     images = [np.asarray(z[0])] + [path[i] for i in shots]
@@ -227,7 +245,7 @@ def main(argv=None):
     ax = fig.add_subplot(grid[2, 0])
     ax.text(0.0, 0.5, "sample moved\nalong LV i;\nRMS distance to\nnearest digit", fontsize=8)
     ax.axis("off")
-    ax = fig.add_subplot(grid[3, :3])
+    ax = fig.add_subplot(grid[3, :2])
     for e in exponents:
         ax.plot(index, e, color="0.75", lw=0.8)
     ax.plot(index, mean_exp, "k.-", lw=1, label=f"mean of {samples} samples")
@@ -238,7 +256,7 @@ def main(argv=None):
     ax.set_ylabel("finite-time exponent (per DDPM step)")
     ax.set_title("Lyapunov spectrum of DDPM generation (Fig. 2, bottom)", fontsize=9)
     ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[3, 3:])
+    ax = fig.add_subplot(grid[3, 2:4])
     ax.plot(index, median_nn, "k.-", lw=1, label=f"sample + {args.delta:g} q_i (median)")
     ax.axhline(np.median(nn_sample), color="C0", ls=":", label="samples themselves")
     ax.axhline(np.median(nn_random), color="C3", ls="--", label="moved in random directions")
@@ -246,6 +264,13 @@ def main(argv=None):
     ax.set_xlabel("Lyapunov vector index i")
     ax.set_ylabel("RMS distance to nearest training digit")
     ax.set_title(f"leaving the data along q_i (Spearman {spearman:.2f})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[3, 4:])
+    ax.plot(index, share, "k.-", lw=1, label="model's score, median")
+    ax.plot(index, index / n, color="C3", ls="--", label="a random basis")
+    ax.set_xlabel("k")
+    ax.set_ylabel("share of $|s|^2$ in $q_1 .. q_k$")
+    ax.set_title("alignment: the model's score in the leading vectors", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(rec.png_path(), dpi=120)

@@ -245,6 +245,8 @@ def test_digits_lyapunov_and_reconstruction_share_one_trained_model(tmp_path):
     assert res["pca_dimension_90"] == 21 and res["pca_dimension_95"] == 29
     assert 6 < res["intrinsic_dimension_mle"]["10"] < 9
     assert len(res["nearest_training_distance_moved_median"]) == 64
+    # the vectors are an orthonormal basis: the score's squared components sum to 1
+    np.testing.assert_allclose(res["score_share_in_leading_k_median"][-1], 1.0, rtol=1e-4)
 
     rec = run_example("digits_reconstruction", tmp_path)
     res = rec["results"]
