@@ -51,7 +51,9 @@ def digits_field(args):
     data, _ = jf.data.digits(8)
     path = jf.OrnsteinUhlenbeck(T=T_NOISE)
     net = jf.UNet(IMAGE, args.channels, (1, 2), 1, key=jax.random.PRNGKey(args.seed + 1))
-    cache = os.path.join(args.cache, f"digits_unet{args.channels}_{args.train_steps}")
+    cache = os.path.join(
+        args.cache, f"digits_unet{args.channels}_{args.train_steps}_seed{args.seed}"
+    )
 
     def loss(m, x, k):
         return jf.denoising_score_matching_loss(m, path, x, k)

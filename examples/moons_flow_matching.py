@@ -94,7 +94,9 @@ def train_model(name, spec, data, args, width, depth):
     source = source_of(spec, args)
     model = jf.MLP(2, width, depth, key=jax.random.PRNGKey(args.seed + 1))
     tag = "8g" if source is not None else "normal"
-    cache = os.path.join(args.cache, f"moons_{name}_{tag}_{args.train_steps}_{width}x{depth}")
+    cache = os.path.join(
+        args.cache, f"moons_{name}_{tag}_{args.train_steps}_{width}x{depth}_seed{args.seed}"
+    )
 
     def loss(m, x, k):
         return jf.flow_matching_loss(

@@ -5,7 +5,7 @@ run resumes from exactly.
 Exact resumption holds because nothing of a step depends on how the run was cut
 into chunks: step `i` draws its batch and its loss randomness from
 `fold_in(key, i)`, and the checkpoint holds the weights, the EMA, the optimiser
-state and the step.
+state, the step and the key (the PRNG state of every later step).
 """
 
 import json
@@ -129,13 +129,21 @@ def train(
         raise ValueError(f"loss_fn must return a scalar, got shape {probe.shape}.")
     state = (params, params, optimiser.init(params))
     step = 0
-    config = dict(config or {})
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    config = dict(config or {}, prng_key=np.asarray(key_data).tolist())
     ocp = manager = None
     if checkpoint_dir is not None:
         ocp, manager = _checkpoint_manager(checkpoint_dir)
         latest = manager.latest_step()
         if latest is not None:
             restored = _restore(ocp, manager, latest, state[:2], state[2])
+            saved_key = restored.config.get("prng_key")
+            if saved_key is not None and saved_key != config["prng_key"]:
+                raise ValueError(
+                    f"the checkpoint in {checkpoint_dir} was written by a run with key data "
+                    f"{saved_key}, not {config['prng_key']}: resuming with another key would "
+                    "not continue that run. Pass its key, or start in a new checkpoint_dir."
+                )
             params_ema = jax.tree.map(jnp.asarray, restored.weights)
             state = (*params_ema, jax.tree.map(jnp.asarray, restored.optimiser))
             step = latest

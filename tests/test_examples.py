@@ -218,9 +218,9 @@ def test_moons_flow_matching(tmp_path):
         assert 0 <= base["median_alignment_score_q1"] <= 1
         assert all(np.isfinite(base["median_exponents"]))
     assert sorted(res["ranking_by_robustness"]) == sorted(models)
-    expected = [f"moons_{m}_8g_200_64x2" for m in ("cfm", "ot_cfm", "si")]
+    expected = [f"moons_{m}_8g_200_64x2_seed0" for m in ("cfm", "ot_cfm", "si")]
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(
-        expected + ["moons_sgm_normal_200_64x2"]
+        expected + ["moons_sgm_normal_200_64x2_seed0"]
     )
 
 
@@ -251,7 +251,7 @@ def test_digits_lyapunov_and_reconstruction_share_one_trained_model(tmp_path):
     rec = run_example("digits_reconstruction", tmp_path)
     res = rec["results"]
     assert res["training"]["final_loss"] is None  # loaded from the cache
-    assert os.listdir(tmp_path / "cache") == ["digits_unet8_60"]
+    assert os.listdir(tmp_path / "cache") == ["digits_unet8_60_seed0"]
     r, e = np.asarray(res["R"]), np.asarray(res["E_jvp"])
     assert r.shape == (8,) and np.all(r > 0) and np.all(e > 0)
     # the paper's finite-difference estimate approximates the JVP

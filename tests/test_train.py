@@ -69,6 +69,18 @@ def test_resumed_run_equals_a_straight_run(setup, tmp_path):
     np.testing.assert_array_equal(straight.losses[:60], first.losses)
     m, ema, step, config = jf.load_checkpoint(str(tmp_path), model)
     assert step == 120 and config["step"] == 120
+    assert config["prng_key"] == np.asarray(key).tolist()
+    # another key would not continue this run
+    with pytest.raises(ValueError, match="another key"):
+        jf.train(
+            model,
+            _loss,
+            data,
+            steps=150,
+            key=jax.random.PRNGKey(3),
+            checkpoint_dir=str(tmp_path),
+            progress=False,
+        )
     for a, b in zip(_leaves(m), _leaves(resumed.model), strict=True):
         np.testing.assert_array_equal(a, b)
     # training reduced the loss, and the EMA lags the weights
