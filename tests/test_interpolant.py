@@ -105,8 +105,14 @@ def test_the_source_objective_is_minimised_by_the_interpolant_velocity(name, law
     m0, s0, m1, s1 = law
     law = (jnp.asarray(m0), jnp.asarray(s0), jnp.asarray(m1), jnp.asarray(s1))
     affine, towards_w, from_w = _cross_terms[name](law, jax.random.PRNGKey(seed))
-    for c, se, _ in (affine, towards_w):
-        assert abs(c) < 5 * se, (c, se)
+    c, se, _ = affine
+    assert abs(c) < 5 * se, (c, se)
+    if max(abs(v) for v in m0) + abs(s0 - 1.0) < 0.05:
+        # the source is (nearly) the standard normal: w = u, so d = w - u is zero
+        # and its cross term is rounding against a zero standard error
+        return
+    c, se, _ = towards_w
+    assert abs(c) < 5 * se, (c, se)
     c, se, d_sq = from_w
     np.testing.assert_allclose(c, -d_sq, rtol=0.05, atol=5 * se)
     if d_sq > 0.01:
