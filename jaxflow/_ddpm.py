@@ -104,15 +104,23 @@ def sample_ddpm(
     """
     path = field.path
     if times is not None:
-        # walked backwards: the noise end first
-        grid = _check_times(times, t_noise, t_data)[::-1].copy()
-        t1, t0, steps = float(grid[0]), float(grid[-1]), grid.shape[0] - 1
+        checked = _check_times(times, t_noise, t_data)
+        t0, t1, steps = float(checked[0]), float(checked[-1]), checked.shape[0] - 1
+        grid = jnp.asarray(checked[::-1].copy())  # walked backwards: the noise end first
+
+        def time_at(i):
+            return grid[i]
     else:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}.")
         t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
         t0 = path.t_data if t_data is None else t_data
-        grid = None
+
+        def time_at(i):
+            # rounding can put the last time a hair below the data end, where sigma
+            # is NaN
+            return jnp.maximum(t1 + (t0 - t1) * i / steps, t0)
+
     if isinstance(t1, (int, float)) and isinstance(t0, (int, float)) and not t0 < t1:
         raise ValueError(
             f"sample_ddpm runs towards the data: need t_data < t_noise, got {t0} and {t1}."
@@ -120,13 +128,7 @@ def sample_ddpm(
     z = _prepare(field, z, t1, t0, "sample_ddpm", needs_score=True)
 
     def body(x, i):
-        if grid is None:
-            t = t1 + (t0 - t1) * i / steps
-            # rounding can put the last t_next a hair below the data end, where
-            # sigma is NaN
-            t_next = jnp.maximum(t1 + (t0 - t1) * (i + 1) / steps, t0)
-        else:
-            t, t_next = jnp.asarray(grid)[i], jnp.asarray(grid)[i + 1]
+        t, t_next = time_at(i), time_at(i + 1)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return ddpm_step(path, x, t, t_next, field.denoise(x, t), noise), None
 

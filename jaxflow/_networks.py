@@ -89,11 +89,10 @@ class _Conv(eqx.Module):
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
 
-    def __init__(self, c_in, c_out, kernel, *, stride=1, padding=0, dtype=None):
-        dtype = jnp.result_type(float) if dtype is None else dtype
+    def __init__(self, c_in, c_out, kernel, *, stride=1, padding=0):
         # filled by _materialise; the shapes are what matter here
-        self.weight = jnp.zeros((kernel, kernel, c_in, c_out), dtype)
-        self.bias = jnp.zeros((c_out,), dtype)
+        self.weight = jnp.zeros((kernel, kernel, c_in, c_out))
+        self.bias = jnp.zeros((c_out,))
         self.stride = stride
         self.padding = padding
 
@@ -118,10 +117,9 @@ class _GroupNorm(eqx.Module):
     groups: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
-    def __init__(self, groups, channels, eps=1e-5, dtype=None):
-        dtype = jnp.result_type(float) if dtype is None else dtype
-        self.weight = jnp.ones((channels,), dtype)
-        self.bias = jnp.zeros((channels,), dtype)
+    def __init__(self, groups, channels, eps=1e-5):
+        self.weight = jnp.ones((channels,))
+        self.bias = jnp.zeros((channels,))
         self.groups = groups
         self.eps = eps
 

@@ -1,4 +1,4 @@
-"""A training loop for learned fields: optax, jit-compiled chunks of steps, an
+"""A training loop for learned fields: optax, one jit-compiled step per call, an
 exponential moving average of the weights, and orbax checkpoints that a killed
 run resumes from exactly.
 
