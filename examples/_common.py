@@ -63,6 +63,13 @@ class Record:
         return path
 
 
+def final_loss(result, last: int = 100):
+    """Mean loss of the last `last` steps a `jf.train` call ran, or None when it
+    ran none (the weights came from the cache)."""
+    tail = np.asarray(result.losses)[-last:]
+    return float(tail.mean()) if tail.size else None
+
+
 def em_step(field, x, t, h, noise, score_error=None):
     """`x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi`: one Euler-Maruyama step of
     the reverse SDE in jaxflow's convention (DESIGN §2); a `score_error(x)` is

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import final_loss
 
 import jaxflow as jf
 
@@ -74,11 +75,9 @@ def digits_field(args):
         config=dict(model="digits", channels=args.channels),
         progress=not args.quick,
     )
-    seconds = time.perf_counter() - start
-    tail = np.asarray(result.losses[-100:])
     info = dict(
-        train_seconds=seconds,
-        final_loss=float(tail.mean()) if tail.size else None,
+        train_seconds=time.perf_counter() - start,
+        final_loss=final_loss(result),
         note="final_loss: mean per-image loss (sum over 64 pixels) over the last 100 steps"
         " run in this call; none when the weights came from the cache",
     )

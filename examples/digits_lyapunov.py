@@ -48,21 +48,30 @@ from _digits import (  # noqa: E402
     digits_field,
     model_settings,
 )
+from _stats import spearman  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
 
 SHOWN = (1, 2, 20, 50, 64)  # Lyapunov vectors drawn (paper 003 Fig. 5: 1, 2, 20, 50, 100)
 
 
-def intrinsic_dimension_mle(x, k=10):
+def squared_distances(a, b):
+    """`|a_i - b_j|^2` for every pair of rows."""
+    d2 = np.sum(a**2, 1)[:, None] + np.sum(b**2, 1)[None] - 2 * a @ b.T
+    return np.maximum(d2, 0.0)
+
+
+def intrinsic_dimension_mle(x, ks=(5, 10, 20)):
     """Levina & Bickel (2004) maximum-likelihood intrinsic dimension, averaged
-    over points (MacKay-Ghahramani's inverse average), from `k` nearest neighbours."""
-    sq = np.sum(x**2, 1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    over points (MacKay-Ghahramani's inverse average), from `k` nearest
+    neighbours, for each `k` in `ks` (one distance matrix for all)."""
+    d2 = squared_distances(x, x)
     np.fill_diagonal(d2, np.inf)
-    nn = np.sqrt(np.sort(d2, axis=1)[:, :k])
-    inv = np.mean(np.log(nn[:, -1:] / nn[:, :-1]), axis=1)
-    return float(1.0 / np.mean(inv))
+    nn = np.sqrt(np.sort(d2, axis=1)[:, : max(ks)])
+    return {
+        k: float(1.0 / np.mean(np.mean(np.log(nn[:, k - 1 : k] / nn[:, : k - 1]), axis=1)))
+        for k in ks
+    }
 
 
 def pca_dimension(x, fraction=0.9):
@@ -72,8 +81,7 @@ def pca_dimension(x, fraction=0.9):
 
 def nearest_distance(points, data):
     """RMS-per-pixel distance from each point to its nearest training image."""
-    d2 = np.sum(points**2, 1)[:, None] + np.sum(data**2, 1)[None] - 2 * points @ data.T
-    return np.sqrt(np.maximum(d2.min(1), 0.0) / data.shape[1])
+    return np.sqrt(squared_distances(points, data).min(1) / data.shape[1])
 
 
 def largest_gap(exponents):
@@ -120,7 +128,12 @@ def main(argv=None):
     @jax.jit
     def trajectory(z, noise):
         step = ddpm_map(field, times, noise)
-        return jax.lax.scan(lambda x, i: (step(x, i), step(x, i)), z, jnp.arange(steps))[1]
+
+        def body(x, i):
+            y = step(x, i)
+            return y, y
+
+        return jax.lax.scan(body, z, jnp.arange(steps))[1]
 
     @jax.jit
     def log_det(z, noise):
@@ -142,7 +155,7 @@ def main(argv=None):
     mean_exp = exponents.mean(0)
     gap_index, gap_size, gap_ratio = largest_gap(mean_exp)
     gaps_each = [largest_gap(e)[0] for e in exponents]
-    mle = {k: intrinsic_dimension_mle(data64, k) for k in (5, 10, 20)}
+    mle = intrinsic_dimension_mle(data64)
     pca90, pca95 = pca_dimension(data64, 0.9), pca_dimension(data64, 0.95)
     # the move along q_i, for every i and sample: (samples, n, n) -> distances (samples, n)
     moved = x[:, None, :] + args.delta * np.transpose(vectors, (0, 2, 1))
@@ -161,8 +174,7 @@ def main(argv=None):
     # way from q_1's distance to the median over the trailing half
     plateau = float(np.median(median_nn[n // 2 :]))
     knee = int(np.argmax(median_nn >= median_nn[0] + 0.9 * (plateau - median_nn[0]))) + 1
-    rank = np.argsort(np.argsort(median_nn))
-    spearman = float(np.corrcoef(rank, index)[0, 1])
+    rho = spearman(index, median_nn)
     results = dict(
         training=info,
         spectrum_seconds=spectrum_seconds,
@@ -186,7 +198,7 @@ def main(argv=None):
         alignment_score_q=align,
         alignment_score_q_median=np.median(align, 0),
         score_share_in_leading_k_median=share,
-        spearman_index_vs_distance=spearman,
+        spearman_index_vs_distance=rho,
     )
     print(f"training: {info['train_seconds']:.0f} s, final loss {info['final_loss']}")
     print(f"spectrum of {samples} samples x {steps} steps, 64 exponents: {spectrum_seconds:.1f} s")
@@ -208,7 +220,7 @@ def main(argv=None):
         f"nearest-digit RMS distance: samples {np.median(nn_sample):.3f}; moved by {args.delta} "
         + ", ".join(f"q{i} {median_nn[i - 1]:.3f}" for i in SHOWN)
         + f"; random directions {np.median(nn_random):.3f}; Spearman(index, distance) "
-        f"{spearman:.2f}; the curve levels off at index {knee}"
+        f"{rho:.2f}; the curve levels off at index {knee}"
     )
     print(
         "alignment |<s/|s|, q_i>| (median): "
@@ -263,7 +275,7 @@ def main(argv=None):
     ax.axvline(knee, color="0.5", ls=":", label=f"levels off at {knee}")
     ax.set_xlabel("Lyapunov vector index i")
     ax.set_ylabel("RMS distance to nearest training digit")
-    ax.set_title(f"leaving the data along q_i (Spearman {spearman:.2f})", fontsize=9)
+    ax.set_title(f"leaving the data along q_i (Spearman {rho:.2f})", fontsize=9)
     ax.legend(fontsize=7)
     ax = fig.add_subplot(grid[3, 4:])
     ax.plot(index, share, "k.-", lw=1, label="model's score, median")

@@ -47,7 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, final_loss, parser  # noqa: E402
 from _moons import (  # noqa: E402
     distance_to_nodes,
     draw_moons,
@@ -231,10 +231,7 @@ def main(argv=None):
             )
             rows[str(eps)] = row
         results["per_model"][name] = dict(
-            # None when the weights came from the cache (no steps run in this call)
-            final_loss=float(np.mean(np.asarray(trained.losses)[-100:]))
-            if trained.losses.size
-            else None,
+            final_loss=final_loss(trained),  # None for cached weights
             eps=rows,
         )
         print(
