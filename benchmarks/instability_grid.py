@@ -81,7 +81,7 @@ def main():
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
-    field = jf.AnalyticField(jf.fig3_mixture(dtype), jf.RectifiedFlow())
+    field = jf.AnalyticField(jf.data.fig3_mixture(dtype), jf.RectifiedFlow())
     axis = jnp.linspace(-1.0, 1.0, args.grid, dtype=dtype)
     zs = jnp.stack(jnp.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
     npts = zs.shape[0]

@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 import jaxflow as jf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from _common import em_step  # noqa: E402
 from _moons import moons, moons_field  # noqa: E402
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
@@ -218,7 +217,7 @@ def main():
 
     def one(z, noise):
         def step(x, i):
-            return em_step(field, x, t_start - i * h, h, noise[i])
+            return jf.reverse_sde_step(field, x, t_start - i * h, h, noise[i])
 
         return jf.lyapunov_spectrum_of_map(step, z, m_steps, save_stretch=False).exponents
 

@@ -6,7 +6,7 @@ convolutions there differently (jax-ml/jax#12868). Two workloads on 8x8 digits,
 batch 256:
 
 1. the PF-ODE map of `examples/digits_reconstruction.py`: 40 Euler steps of a
-   UNet field inside one `lax.fori_loop`, for `jf.UNet` (channel-last inside)
+   UNet field inside one `lax.fori_loop`, for `jf.nn.UNet` (channel-last inside)
    against the same layers written with Equinox's channel-first `eqx.nn.Conv2d`
    (what a researcher writes first), and against the same steps dispatched
    from Python;
@@ -31,7 +31,7 @@ import jaxflow as jf
 
 
 class ChannelFirstConv(eqx.Module):
-    """`jf.UNet`'s channel-last convolution rewritten with `eqx.nn.Conv2d` on a
+    """`jf.nn.UNet`'s channel-last convolution rewritten with `eqx.nn.Conv2d` on a
     transposed image: the same numbers, channel-first inside."""
 
     conv: eqx.nn.Conv2d
@@ -53,12 +53,10 @@ class ChannelFirstConv(eqx.Module):
 
 def channel_first(unet):
     """The same UNet with every convolution channel-first."""
-    from jaxflow._networks import _Conv
-
     return jax.tree.map(
-        lambda m: ChannelFirstConv(m) if isinstance(m, _Conv) else m,
+        lambda m: ChannelFirstConv(m) if isinstance(m, jf.nn.Conv) else m,
         unet,
-        is_leaf=lambda m: isinstance(m, _Conv),
+        is_leaf=lambda m: isinstance(m, jf.nn.Conv),
     )
 
 
@@ -81,7 +79,7 @@ def main(argv=None):
     data, _ = jf.data.digits(8)
     x = jnp.asarray(data[:256])
     path = jf.OrnsteinUhlenbeck(5.0)
-    unet = jf.UNet((1, 8, 8), 16, (1, 2), 1, key=jax.random.PRNGKey(0))
+    unet = jf.nn.UNet((1, 8, 8), 16, (1, 2), 1, key=jax.random.PRNGKey(0))
     twin = channel_first(unet)
     one = jax.random.normal(jax.random.PRNGKey(1), (64,))
     assert jnp.allclose(unet(one, 0.3), twin(one, 0.3), atol=1e-5), "the twin must agree"
@@ -97,7 +95,7 @@ def main(argv=None):
         return step
 
     rows = {}
-    for name, net in (("jf.UNet (channel-last)", unet), ("eqx.nn.Conv2d (channel-first)", twin)):
+    for name, net in (("jf.nn.UNet (channel-last)", unet), ("eqx.nn.Conv2d (channel-first)", twin)):
         step = euler(net)
         looped = jax.jit(lambda y, step=step: jax.lax.fori_loop(0, args.steps, step, y))
         one_step = jax.jit(step)
@@ -117,7 +115,7 @@ def main(argv=None):
             f"{rows[name]['python_loop_s']:.3f} s",
             flush=True,
         )
-    a, b = rows["jf.UNet (channel-last)"], rows["eqx.nn.Conv2d (channel-first)"]
+    a, b = rows["jf.nn.UNet (channel-last)"], rows["eqx.nn.Conv2d (channel-first)"]
     print(f"  channel-last speed-up inside the loop: {b['fori_loop_s'] / a['fori_loop_s']:.1f}x")
 
     opt = optax.adam(1e-3)

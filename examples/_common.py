@@ -7,7 +7,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -68,14 +67,3 @@ def final_loss(result, last: int = 100):
     ran none (the weights came from the cache)."""
     tail = np.asarray(result.losses)[-last:]
     return float(tail.mean()) if tail.size else None
-
-
-def em_step(field, x, t, h, noise, score_error=None):
-    """`x_{t-h} = x_t - h (f x - g^2 s) + g sqrt(h) xi`: one Euler-Maruyama step of
-    the reverse SDE in jaxflow's convention (DESIGN §2); a `score_error(x)` is
-    added to the score."""
-    g2 = field.path.diffusion_squared(t)
-    drift = field.reverse_drift(x, t)
-    if score_error is not None:
-        drift = drift - g2 * score_error(x)
-    return x - h * drift + jnp.sqrt(g2 * h) * noise

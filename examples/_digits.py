@@ -51,7 +51,7 @@ def digits_field(args):
     """`(field, data, info)`: the trained (or cached) model as a `LearnedField`."""
     data, _ = jf.data.digits(8)
     path = jf.OrnsteinUhlenbeck(T=T_NOISE)
-    net = jf.UNet(IMAGE, args.channels, (1, 2), 1, key=jax.random.PRNGKey(args.seed + 1))
+    net = jf.nn.UNet(IMAGE, args.channels, (1, 2), 1, key=jax.random.PRNGKey(args.seed + 1))
     cache = os.path.join(
         args.cache, f"digits_unet{args.channels}_{args.train_steps}_seed{args.seed}"
     )

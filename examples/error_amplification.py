@@ -33,7 +33,7 @@ from _common import Record, parser  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
-from jaxflow._examples import FIG3_MEANS, FIG3_VARIANCE, FIG3_WEIGHTS  # noqa: E402
+from jaxflow.data import FIG3_MEANS, FIG3_VARIANCE, FIG3_WEIGHTS  # noqa: E402
 
 ACCURATE = dict(rtol=1e-10, atol=1e-10, max_steps=100_000)
 
@@ -95,7 +95,7 @@ def main(argv=None):
             quick=args.quick,
         ),
     )
-    field = jf.AnalyticField(jf.fig3_mixture(jnp.float64), jf.RectifiedFlow())
+    field = jf.AnalyticField(jf.data.fig3_mixture(jnp.float64), jf.RectifiedFlow())
     x = jax.random.uniform(jax.random.PRNGKey(args.seed), (points, 2), jnp.float64, -1.0, 1.0)
 
     def gen(z):

@@ -28,7 +28,7 @@ from _common import Record, parser  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
-from jaxflow._examples import FIG3_MEANS, FIG3_VARIANCE, FIG3_WEIGHTS  # noqa: E402
+from jaxflow.data import FIG3_MEANS, FIG3_VARIANCE, FIG3_WEIGHTS  # noqa: E402
 
 RTOL, ATOL = 1e-6, 1e-8
 
@@ -57,7 +57,7 @@ def main(argv=None):
             quick=args.quick,
         ),
     )
-    field = jf.AnalyticField(jf.fig3_mixture(jnp.float64), jf.RectifiedFlow())
+    field = jf.AnalyticField(jf.data.fig3_mixture(jnp.float64), jf.RectifiedFlow())
 
     def gen(z):
         return jf.generate(field, z, rtol=RTOL, atol=ATOL)

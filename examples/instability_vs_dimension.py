@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from _common import Record, parser  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
-from jaxflow._examples import sparse_neighbours, tiling_neighbours  # noqa: E402
+from jaxflow.data import sparse_neighbours, tiling_neighbours  # noqa: E402
 
 TIGHT = dict(rtol=1e-10, atol=1e-10, max_steps=100_000)
 
@@ -110,7 +110,7 @@ def main(argv=None):
         args.out,
         dict(
             law=dict(
-                kind="GaussianNeighbours (jaxflow._examples.sparse_neighbours)",
+                kind="GaussianNeighbours (jaxflow.data.sparse_neighbours)",
                 m=args.m,
                 side=args.side,
                 own_box_mass=args.alpha,

@@ -92,7 +92,7 @@ def source_of(spec, args):
 def train_model(name, spec, data, args, width, depth):
     path = make_path(spec["path"])
     source = source_of(spec, args)
-    model = jf.MLP(2, width, depth, key=jax.random.PRNGKey(args.seed + 1))
+    model = jf.nn.MLP(2, width, depth, key=jax.random.PRNGKey(args.seed + 1))
     tag = "8g" if source is not None else "normal"
     cache = os.path.join(
         args.cache, f"moons_{name}_{tag}_{args.train_steps}_{width}x{depth}_seed{args.seed}"

@@ -29,7 +29,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, em_step, parser  # noqa: E402
+from _common import Record, parser  # noqa: E402
 from _moons import (  # noqa: E402
     LIMITS,
     distance_to_nodes,
@@ -76,7 +76,7 @@ def main(argv=None):
 
     def path_step(x, i, noise):
         # i indexes the frozen noise of this path
-        return em_step(field, x, args.t_start - i * h, h, noise[i])
+        return jf.reverse_sde_step(field, x, args.t_start - i * h, h, noise[i])
 
     kz, kn = jax.random.split(jax.random.PRNGKey(args.seed))
     sigma0 = float(path.sigma(args.t_start))

@@ -31,7 +31,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, em_step, parser  # noqa: E402
+from _common import Record, parser  # noqa: E402
 from _moons import (  # noqa: E402
     LIMITS,
     distance_to_nodes,
@@ -41,6 +41,8 @@ from _moons import (  # noqa: E402
     moons_field,
     smooth_chi,
 )
+
+import jaxflow as jf  # noqa: E402
 
 RADII = (0.05, 0.1)
 
@@ -79,7 +81,7 @@ def sample(field, z, noise, t_start, t_end, eps, chi, sde):
     def body(x, i):
         t = t_start - i * h
         if sde:
-            return em_step(field, x, t, h, noise[i], error), None
+            return jf.reverse_sde_step(field, x, t, h, noise[i], error), None
         # PF-ODE: dx/dt = v - (g^2 / 2) eps chi, integrated from t to t - h
         v = field.velocity(x, t) - 0.5 * path.diffusion_squared(t) * error(x)
         return x - h * v, None

@@ -32,7 +32,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, em_step, parser  # noqa: E402
+from _common import Record, parser  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
 
@@ -181,7 +181,7 @@ def reverse_paths(field, z, key, grid, sampler):
         h = t - tn
         xi = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         if sampler == "sde":
-            x = em_step(field, x, t, h, xi)
+            x = jf.reverse_sde_step(field, x, t, h, xi)
         elif sampler == "ddpm":
             x = jf.ddpm_step(path, x, t, tn, field.denoise(x, t), xi)
         else:

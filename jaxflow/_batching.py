@@ -5,6 +5,8 @@ from collections.abc import Callable
 import jax
 from jaxtyping import Array, PyTree
 
+from ._misc import check_positive_int
+
 
 def batch_map(fn: Callable, xs: PyTree[Array], *, batch_size: int = 256) -> PyTree[Array]:
     """`jax.vmap(fn)(xs)` computed in chunks of `batch_size` points.
@@ -25,6 +27,5 @@ def batch_map(fn: Callable, xs: PyTree[Array], *, batch_size: int = 256) -> PyTr
 
     **Returns:** the stacked outputs, as `jax.vmap(fn)(xs)`.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    batch_size = check_positive_int("batch_size", batch_size)
     return jax.lax.map(fn, xs, batch_size=batch_size)

@@ -19,15 +19,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._laws import AbstractLaw
+from ._misc import check_time_in_range
 from ._paths import AbstractPath
-
-
-def check_time_in_range(path: AbstractPath, x, t, what: str = "time t"):
-    """`eqx.error_if` on `x` when a (traced) time lies outside the path's range."""
-    bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
-    return eqx.error_if(
-        x, bad, f"{what} is outside the path's range [t_data, t_noise]; clip it to it."
-    )
 
 
 def velocity_from_posterior(path: AbstractPath, d, s, x, t):
@@ -55,6 +48,12 @@ class AbstractVelocityField(eqx.Module):
     """
 
     path: eqx.AbstractVar[AbstractPath]
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int | None:
+        """The dimension `n` of the points, or `None` where the field does not know
+        it before it is called (a network)."""
 
     @abc.abstractmethod
     def velocity_unchecked(
@@ -84,7 +83,7 @@ class AbstractVelocityField(eqx.Module):
           closed form where the law has one, else the trace.
         """
         x = _check_time(self.path, x, t)
-        return _divergence(self, x, t, key, method)
+        return divergence(self, x, t, key, method)
 
 
 class AbstractField(AbstractVelocityField):
@@ -140,10 +139,12 @@ class AbstractField(AbstractVelocityField):
 _DIVERGENCE_METHODS = ("auto", "closed_form", "trace", "hutchinson")
 
 
-def _divergence_method(field, key, method):
+def divergence_method(field: AbstractVelocityField, key, method: str) -> str:
+    """The divergence route `method` resolves to for `field` (`'auto'` chooses),
+    with a `ValueError` for a route the field cannot take."""
     if method not in _DIVERGENCE_METHODS:
         raise ValueError(f"method must be one of {_DIVERGENCE_METHODS}, got {method!r}.")
-    has_closed = hasattr(getattr(field, "law", None), "velocity_divergence")
+    has_closed = isinstance(field, AnalyticField) and field.law.closed_form_divergence
     if method == "auto":
         return "hutchinson" if key is not None else ("closed_form" if has_closed else "trace")
     if method == "hutchinson" and key is None:
@@ -156,8 +157,10 @@ def _divergence_method(field, key, method):
     return method
 
 
-def _divergence(field, x, t, key=None, method="auto"):
-    method = _divergence_method(field, key, method)
+def divergence(field: AbstractVelocityField, x, t, key=None, method: str = "auto"):
+    """`div_x v(x, t)` by the route `divergence_method` resolves to, unchecked (the
+    solvers' inner loop)."""
+    method = divergence_method(field, key, method)
     if method == "closed_form":
         path = field.path
         coeffs = (path.alpha(t), path.sigma(t), path.d_alpha(t), path.sigma_d_sigma(t))
@@ -185,16 +188,14 @@ class AnalyticField(AbstractField):
     law: AbstractLaw
     path: AbstractPath
 
-    def __init__(self, law: AbstractLaw, path: AbstractPath):
-        if not isinstance(law, AbstractLaw):
-            raise ValueError(f"AnalyticField needs an AbstractLaw, got {type(law).__name__}.")
-        if not isinstance(path, AbstractPath):
+    def __check_init__(self):
+        if not isinstance(self.law, AbstractLaw):
+            raise ValueError(f"AnalyticField needs an AbstractLaw, got {type(self.law).__name__}.")
+        if not isinstance(self.path, AbstractPath):
             raise ValueError(
                 "AnalyticField needs an AbstractPath (e.g. jf.RectifiedFlow()), "
-                f"got {type(path).__name__}."
+                f"got {type(self.path).__name__}."
             )
-        self.law = law
-        self.path = path
 
     @property
     def dim(self) -> int:

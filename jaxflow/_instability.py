@@ -1,7 +1,12 @@
-"""Jacobians of a map `F: R^n -> R^n` and the instability measures of paper 000.
+"""Jacobians of a map `F: R^n -> R^n` and the instability measures of paper 000:
+the intrinsic instability and instability coefficients (Def. 2.2, Prop. 2.1), the
+segment bound (Prop. E.1), the amplified-error bound (Prop. 3.1) and the Theorem
+4.1 statistics.
 
-Every function takes `(fn, x, ...)` for any differentiable `fn` (a generation map
-`lambda z: jf.generate(field, z)`, a solver step, a user's map); none needs a field.
+The pointwise measures take `(fn, x, ...)` for any differentiable `fn` (a
+generation map `lambda z: jf.generate(field, z)`, a solver step, a user's map);
+none needs a field. With `fn = lambda z: jf.generate(field, z, throw=False).value`
+a point whose solve fails gives NaN (its tangent too) instead of an error.
 """
 
 import math
@@ -11,6 +16,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
+from ._fields import AnalyticField
+from ._results import Outcome
+from ._solve import check_throw, invert
 
 Map = Callable[[Float[Array, " n"]], Float[Array, " n"]]
 
@@ -115,3 +124,113 @@ def instability_lower_bound(
         min_inner=min_inner,
         condition=min_inner >= 0,
     )
+
+
+class InstabilityProbability(eqx.Module):
+    """Paper 000 Theorem 4.1 quantities, estimated from samples `x ~ pi_real`.
+
+    - `M`: the thresholds, shape `(m,)`.
+    - `p_m`: empirical `P_M = pi_real(Ebar_G(G^{-1}(x)) > M)`.
+    - `eps`: empirical `pi_real(log p_gen(x) >= -(n/2) log(2 pi M^2) - (2n + 3 sqrt(2n))/2)`
+      (eq. 8).
+    - `delta`: empirical `pi_real(|G^{-1}(x)|^2 > 2n + 3 sqrt(2n))` (eq. 9).
+    - `bound`: `1 - eps - delta`; the theorem says `p_m >= bound`.
+    - `log_ebar`: `log Ebar_G(G^{-1}(x))` per sample.
+    - `noise_norm2`: `|G^{-1}(x)|^2` per sample (delta counts those above
+      `2n + 3 sqrt(2n)`).
+    """
+
+    M: Float[Array, " m"]
+    p_m: Float[Array, " m"]
+    eps: Float[Array, " m"]
+    delta: Float[Array, ""]
+    bound: Float[Array, " m"]
+    log_ebar: Float[Array, " N"]
+    noise_norm2: Float[Array, " N"]
+
+
+def instability_probability(
+    field: AnalyticField,
+    x: Float[Array, "N n"],
+    M: Float[Array, " m"] | float,
+    *,
+    throw: bool = True,
+    **solve_kwargs,
+) -> InstabilityProbability | Outcome:
+    """Estimate `P_M`, `eps`, `delta` of paper 000 Theorem 4.1 from samples `x`.
+
+    `Ebar_G(G^{-1}(x))` comes from the change-of-variables identity
+    `log Ebar = (log p_noise(z) - log p_gen(x)) / n` at `z = G^{-1}(x)` (Lemma D.1),
+    which stays exact and cheap in high dimension.
+
+    **Arguments:**
+
+    - `field`: an `AnalyticField` (closed-form `p_gen`).
+    - `x`: samples of `pi_real`, shape `(N, n)`.
+    - `M`: one threshold or several.
+    - `throw`: `False` keeps going when some inversions fail: the statistics are
+      over the samples that succeeded, and an `Outcome` holds them with the
+      per-sample `result` (`log_ebar` and `noise_norm2` are NaN at failures).
+    - `**solve_kwargs`: for the inversion, as for `jf.invert`.
+
+    **Returns:** an `InstabilityProbability`; with `throw=False`, an `Outcome`
+    holding it.
+    """
+    throw = check_throw(throw)
+    if not isinstance(field, AnalyticField):
+        raise ValueError("instability_probability needs an AnalyticField (closed-form p_gen).")
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a batch of shape (N, n), got {x.shape}.")
+    M = jnp.atleast_1d(jnp.asarray(M, x.dtype))
+    M = eqx.error_if(M, jnp.any(M <= 0), "instability_probability: M must be > 0.")
+    n = x.shape[1]
+    path = field.path
+    law = field.law
+    if throw:
+        z = jax.vmap(lambda xi: invert(field, xi, **solve_kwargs))(x)
+        ok = jnp.ones(x.shape[0], bool)
+    else:
+        inverted = jax.vmap(lambda xi: invert(field, xi, throw=False, **solve_kwargs))(x)
+        z, ok = inverted.value, inverted.ok
+    a1, s1 = path.alpha(path.t_noise), path.sigma(path.t_noise)
+    a0, s0 = path.alpha(path.t_data), path.sigma(path.t_data)
+    log_noise = jax.vmap(lambda zi: law.marginal_log_prob(zi, a1, s1))(z)
+    log_gen = jax.vmap(lambda xi: law.marginal_log_prob(xi, a0, s0))(x)
+    log_ebar = (log_noise - log_gen) / n
+    radius2 = 2 * n + 3 * jnp.sqrt(2.0 * n)
+    count = jnp.sum(ok).astype(x.dtype)
+
+    def mean_over_ok(flags):  # the fraction of the samples that succeeded
+        return jnp.sum(flags & ok, axis=-1).astype(x.dtype) / count
+
+    p_m = mean_over_ok(log_ebar[None, :] > jnp.log(M)[:, None])
+    threshold = -0.5 * n * jnp.log(2 * jnp.pi * M**2) - 0.5 * radius2
+    eps = mean_over_ok(log_gen[None, :] >= threshold[:, None])
+    norm2 = jnp.sum(z**2, -1)
+    delta = mean_over_ok(norm2 > radius2)
+    stats = InstabilityProbability(
+        M=M,
+        p_m=p_m,
+        eps=eps,
+        delta=delta,
+        bound=1 - eps - delta,
+        log_ebar=log_ebar,
+        noise_norm2=norm2,
+    )
+    return stats if throw else Outcome(value=stats, result=inverted.result)
+
+
+def amplified_error_bound(
+    step_size: float, m2: float, c: Float[Array, "..."]
+) -> Float[Array, "..."]:
+    """Paper 000 Prop. 3.1 (eq. 5): the upper bound `U` on the reconstruction error
+    satisfies `U >= h M_2 (C - 1) / (2 log C) * C` when `E_G(z, zhat - z) > C`.
+
+    The first factor is the numerical error of the inverted noise, the second `C`
+    the instability amplification. `C = 1` is the removable limit `h M_2 / 2`.
+    """
+    c = jnp.asarray(c)
+    safe = jnp.where(jnp.abs(c - 1) < 1e-12, 2.0, c)
+    ratio = jnp.where(jnp.abs(c - 1) < 1e-12, 1.0, (safe - 1) / jnp.log(safe))
+    return step_size * m2 * ratio / 2 * c

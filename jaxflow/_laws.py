@@ -11,6 +11,7 @@ All densities stay in log space: they underflow for `n` in the hundreds.
 
 import abc
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._checks import as_float_array, check_positive, check_spd, check_weights, is_concrete
+from ._misc import as_float_array, check_positive, check_spd, check_weights, is_concrete
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -50,6 +51,21 @@ class AbstractLaw(eqx.Module):
         self, x: Float[Array, " n"], alpha: Float[ArrayLike, ""], sigma: Float[ArrayLike, ""]
     ) -> Float[Array, ""]:
         """`log p_t(x)` of `alpha X + sigma Z`."""
+
+    closed_form_divergence: eqx.AbstractClassVar[bool]
+    """Whether `velocity_divergence` has a closed form for this law."""
+
+    @abc.abstractmethod
+    def velocity_divergence(
+        self,
+        x: Float[Array, " n"],
+        alpha: Float[ArrayLike, ""],
+        sigma: Float[ArrayLike, ""],
+        d_alpha: Float[ArrayLike, ""],
+        sigma_d_sigma: Float[ArrayLike, ""],
+    ) -> Float[Array, ""]:
+        """`div_x v` of the PF-ODE velocity `v = alpha' D - sigma sigma' s` in closed
+        form; raises `NotImplementedError` where `closed_form_divergence` is False."""
 
 
 def _covariance_spectrum(covariances, k, n, name):
@@ -117,6 +133,8 @@ class GaussianMixture(AbstractLaw):
     means: Float[Array, "K n"]
     eigvecs: Float[Array, "K n n"] | None
     eigvals: Float[Array, "K n"]
+
+    closed_form_divergence: ClassVar[bool] = True
 
     def __init__(self, weights, means, covariances):
         means = as_float_array("GaussianMixture means", means, ndim=2)
@@ -209,6 +227,8 @@ class Gaussian(AbstractLaw):
 
     mixture: GaussianMixture
 
+    closed_form_divergence: ClassVar[bool] = True
+
     def __init__(self, mean, covariance):
         mean = as_float_array("Gaussian mean", mean, ndim=1)
         covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2))
@@ -276,6 +296,8 @@ class Empirical(AbstractLaw):
     points: Float[Array, "N n"]
     weights: Float[Array, " N"]
 
+    closed_form_divergence: ClassVar[bool] = False
+
     def __init__(self, points, weights=None):
         points = as_float_array("Empirical points", points, ndim=2)
         if weights is None:
@@ -307,6 +329,12 @@ class Empirical(AbstractLaw):
         n = self.dim
         return jax.nn.logsumexp(self._logits(x, alpha, sigma)) - 0.5 * n * (
             _LOG_2PI + 2 * jnp.log(sigma)
+        )
+
+    def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form divergence; use the field's "
+            "divergence with method='trace' or 'hutchinson'."
         )
 
     def log_prob(self, x):
@@ -381,6 +409,8 @@ class GaussianNeighbours(AbstractLaw):
     upper: Float[Array, "m n"]
     widths: Float[Array, " m"]
 
+    closed_form_divergence: ClassVar[bool] = False
+
     def __init__(self, weights, lower, upper, widths):
         lower = as_float_array("GaussianNeighbours lower", lower, ndim=2)
         upper = as_float_array("GaussianNeighbours upper", upper, ndim=2)
@@ -440,6 +470,12 @@ class GaussianNeighbours(AbstractLaw):
     def marginal_log_prob(self, x, alpha, sigma):
         logits, _, _ = self._terms(x, alpha, sigma)
         return jax.nn.logsumexp(logits)
+
+    def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form divergence; use the field's "
+            "divergence with method='trace' or 'hutchinson'."
+        )
 
     def log_prob(self, x):
         return self.marginal_log_prob(x, 1.0, 0.0)

@@ -3,6 +3,8 @@
 `LearnedField`: a network that predicts one of velocity, noise, data or score on
 a Gaussian path, converted to the others by the identities of DESIGN §2:
 `x = alpha D + sigma Zhat`, `s = -Zhat / sigma`, `v = alpha' D + sigma' Zhat`.
+The parameterisations are read here (`decode`) and written here (`target`, the
+regression target of the objectives), so the two stay one convention.
 
 `InterpolantField`: the velocity of a flow learned from an arbitrary source law
 (stochastic interpolants, Albergo et al. 2023; paper 003 G.5's eight-Gaussians
@@ -11,17 +13,40 @@ source), which has no score.
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ._fields import AbstractField, AbstractVelocityField, check_time_in_range
+from ._fields import AbstractField, AbstractVelocityField
+from ._misc import check_time_in_range
 from ._paths import AbstractPath
 
 PARAMETERISATIONS = ("velocity", "noise", "data", "score")
 
 
-def _to_denoise_and_noise(path, parameterisation, x, t, out):
-    """`(D, Zhat)` from the network's output `out` at `(x, t)`."""
+def check_parameterisation(parameterisation: str) -> None:
+    if parameterisation not in PARAMETERISATIONS:
+        raise ValueError(
+            f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}."
+        )
+
+
+def target(path: AbstractPath, parameterisation: str, x, z, t):
+    """What a network of this parameterisation should output at `X_t = alpha x +
+    sigma z`: `alpha' x + sigma' z`, `z`, `x` or `-z / sigma` (its conditional mean
+    given `X_t` is `v`, `Zhat`, `D` or `s`)."""
+    if parameterisation == "velocity":
+        return path.d_alpha(t) * x + path.d_sigma(t) * z
+    if parameterisation == "noise":
+        return z
+    if parameterisation == "data":
+        return x
+    return -z / path.sigma(t)
+
+
+def decode(path: AbstractPath, parameterisation: str, x, t, out):
+    """`(D, Zhat)` from the network's output `out` at `(x, t)`: the inverse of
+    `target` in conditional mean."""
     alpha = path.alpha(t).astype(x.dtype)
     sigma = path.sigma(t).astype(x.dtype)
     if parameterisation == "data":
@@ -45,8 +70,8 @@ class LearnedField(AbstractField):
 
     **Arguments:**
 
-    - `network`: a callable `f(x, t) -> (n,)` (an `eqx.Module` such as `jf.MLP` or
-      `jf.UNet`; its arrays are the field's parameters).
+    - `network`: a callable `f(x, t) -> (n,)` (an `eqx.Module` such as `jf.nn.MLP` or
+      `jf.nn.UNet`; its arrays are the field's parameters).
     - `path`: the Gaussian path it was trained on.
     - `parameterisation`: what the network predicts.
 
@@ -57,25 +82,25 @@ class LearnedField(AbstractField):
 
     network: Callable
     path: AbstractPath
-    parameterisation: str
+    parameterisation: str = eqx.field(static=True)
 
-    def __init__(self, network: Callable, path: AbstractPath, parameterisation: str):
-        if not callable(network):
-            raise ValueError(f"network must be callable f(x, t), got {type(network).__name__}.")
-        if not isinstance(path, AbstractPath):
-            raise ValueError(f"LearnedField needs an AbstractPath, got {type(path).__name__}.")
-        if parameterisation not in PARAMETERISATIONS:
+    def __check_init__(self):
+        if not callable(self.network):
             raise ValueError(
-                f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}."
+                f"network must be callable f(x, t), got {type(self.network).__name__}."
             )
-        self.network = network
-        self.path = path
-        self.parameterisation = parameterisation
+        if not isinstance(self.path, AbstractPath):
+            raise ValueError(f"LearnedField needs an AbstractPath, got {type(self.path).__name__}.")
+        check_parameterisation(self.parameterisation)
+
+    @property
+    def dim(self) -> None:
+        return None
 
     def _read(self, x, t):
         """The network's output and the `(D, Zhat)` it implies."""
         out = jnp.asarray(self.network(x, t), x.dtype)
-        return (out, *_to_denoise_and_noise(self.path, self.parameterisation, x, t, out))
+        return (out, *decode(self.path, self.parameterisation, x, t, out))
 
     def denoise_and_score(self, x, t):
         _, d, z = self._read(x, t)
@@ -113,13 +138,19 @@ class InterpolantField(AbstractVelocityField):
     network: Callable
     path: AbstractPath
 
-    def __init__(self, network: Callable, path: AbstractPath):
-        if not callable(network):
-            raise ValueError(f"network must be callable f(x, t), got {type(network).__name__}.")
-        if not isinstance(path, AbstractPath):
-            raise ValueError(f"InterpolantField needs an AbstractPath, got {type(path).__name__}.")
-        self.network = network
-        self.path = path
+    def __check_init__(self):
+        if not callable(self.network):
+            raise ValueError(
+                f"network must be callable f(x, t), got {type(self.network).__name__}."
+            )
+        if not isinstance(self.path, AbstractPath):
+            raise ValueError(
+                f"InterpolantField needs an AbstractPath, got {type(self.path).__name__}."
+            )
+
+    @property
+    def dim(self) -> None:
+        return None
 
     def velocity_unchecked(self, x, t):
         return jnp.asarray(self.network(x, t), x.dtype)
@@ -128,4 +159,4 @@ class InterpolantField(AbstractVelocityField):
         """`E[X | X_t = x]`, from `x = alpha D + sigma E[X0 | X_t]` and
         `v = alpha' D + sigma' E[X0 | X_t]` (both hold for any source)."""
         x = check_time_in_range(self.path, x, t)
-        return _to_denoise_and_noise(self.path, "velocity", x, t, self.velocity_unchecked(x, t))[0]
+        return decode(self.path, "velocity", x, t, self.velocity_unchecked(x, t))[0]

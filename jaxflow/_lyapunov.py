@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._solve import _get_solver
+from ._solve import get_solver
 
 
 class LyapunovSpectrum(eqx.Module):
@@ -273,7 +273,7 @@ def lyapunov_spectrum(
         raise ValueError(f"transient must lie in [0, |t1 - t0| = {abs(span)}), got {transient}.")
     dt = span / steps
     n_transient = int(round(transient / abs(dt)))
-    sol = _get_solver(solver)
+    sol = get_solver(solver)
     if isinstance(sol, diffrax.AbstractRungeKutta) and sol.scan_kind is None:
         # diffrax's default stage loop is reverse-mode only; the frame needs JVPs.
         sol = dataclasses.replace(sol, scan_kind="lax")

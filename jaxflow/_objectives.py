@@ -18,20 +18,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._learned import PARAMETERISATIONS
+from ._learned import check_parameterisation, target
 from ._paths import AbstractPath
 
 COUPLINGS = ("independent", "ot")
-
-
-def _target(path, parameterisation, x, z, t):
-    if parameterisation == "velocity":
-        return path.d_alpha(t) * x + path.d_sigma(t) * z
-    if parameterisation == "noise":
-        return z
-    if parameterisation == "data":
-        return x
-    return -z / path.sigma(t)
 
 
 def ot_pairing(
@@ -97,10 +87,7 @@ def flow_matching_loss(
 
     **Returns:** the scalar loss.
     """
-    if parameterisation not in PARAMETERISATIONS:
-        raise ValueError(
-            f"parameterisation must be one of {PARAMETERISATIONS}, got {parameterisation!r}."
-        )
+    check_parameterisation(parameterisation)
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}.")
     if coupling == "ot" and parameterisation != "velocity":
@@ -131,7 +118,7 @@ def flow_matching_loss(
 
     def one(x, z, t):
         xt = path.alpha(t) * x + path.sigma(t) * z
-        err = network(xt, t) - _target(path, parameterisation, x, z, t)
+        err = network(xt, t) - target(path, parameterisation, x, z, t)
         return jnp.sum(err**2)
 
     return jnp.mean(jax.vmap(one)(x, z, t))

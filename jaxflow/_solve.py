@@ -1,19 +1,22 @@
-"""Solving the PF-ODE and the reverse SDE with diffrax (DESIGN §4).
+"""Solving the PF-ODE with diffrax (DESIGN §4): the ODE plumbing every entry point
+shares, and `generate`, `invert`, `reconstruct`.
 
 Generation integrates the PF-ODE from the noise end to the data end, inversion
 the other way (paper 000 Def. 2.1). Forward-mode differentiation (`jax.jvp`,
 `jax.jacfwd`) goes through every solve (`diffrax.ForwardMode`).
 """
 
+from typing import Literal
+
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
-import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._fields import AbstractField, AbstractVelocityField, check_time_in_range
+from ._fields import AbstractField, AbstractVelocityField
+from ._misc import check_positive_int, check_time_grid
+from ._results import RESULTS, Outcome, all_finite, first_failure, mask_failed
 
 _NAMED_SOLVERS = {
     "euler": diffrax.Euler,
@@ -39,7 +42,8 @@ def default_tolerances(dtype) -> tuple[float, float]:
     return 1e-6, 1e-6
 
 
-def _get_solver(solver):
+def get_solver(solver) -> diffrax.AbstractSolver:
+    """A diffrax solver from its name, or the solver itself."""
     if isinstance(solver, diffrax.AbstractSolver):
         return solver
     if isinstance(solver, str) and solver.lower() in _NAMED_SOLVERS:
@@ -55,6 +59,7 @@ def _is_adaptive(solver) -> bool:
 
 
 def _check_span(field: AbstractVelocityField, t_start, t_end):
+    """Times known in Python lie in the path's range and differ."""
     path = field.path
     for name, t in (("t_start", t_start), ("t_end", t_end)):
         if isinstance(t, (int, float)) and not (path.t_data <= t <= path.t_noise):
@@ -72,8 +77,7 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
             raise ValueError("give either steps= (equal steps) or times= (a grid), not both.")
         return diffrax.StepTo(times), None, times.shape[0] - 1
     if steps is not None:
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}.")
+        steps = check_positive_int("steps", steps)
         return diffrax.ConstantStepSize(), (t_end - t_start) / steps, steps
     if not _is_adaptive(solver):
         raise ValueError(
@@ -88,27 +92,34 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
     return diffrax.PIDController(rtol=rtol, atol=atol), None, None
 
 
+Direction = Literal["generate", "invert"]
+
+
 def solve_ode(
     vector_field,
     y0,
     t_start,
     t_end,
     *,
+    name: str,
     solver="dopri5",
     steps=None,
     rtol=None,
     atol=None,
     max_steps=DEFAULT_MAX_STEPS,
     adjoint=None,
-    what="solve",
     times=None,
+    progress_meter=None,
+    input_ok=None,
 ):
-    """Integrate `dy/dt = vector_field(t, y)` from `t_start` to `t_end`; return `y(t_end)`.
+    """Integrate `dy/dt = vector_field(t, y)` from `t_start` to `t_end`.
 
-    Shared by every ODE entry point. Fails loudly (`eqx.error_if`) when the solver
-    does not reach `t_end` or the result is not finite.
+    Shared by every ODE entry point; `name` labels its messages. Returns
+    `(y(t_end), result)`: the `RESULTS` item is `successful`, the solver's own
+    failure, `invalid_input` where `input_ok` is False, or `non_finite`. The
+    entry point raises on it (`raise_or_outcome`) or hands it back.
     """
-    solver = _get_solver(solver)
+    solver = get_solver(solver)
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     if times is not None:
         times = jnp.asarray(times, dtype)
@@ -133,52 +144,88 @@ def solve_ode(
         stepsize_controller=controller,
         max_steps=max_steps,
         adjoint=diffrax.ForwardMode() if adjoint is None else adjoint,
+        progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
         throw=False,
     )
     y = jax.tree_util.tree_map(lambda a: a[0], sol.ys)
-    failed = sol.result != diffrax.RESULTS.successful
-    y = eqx.error_if(
-        y,
-        failed,
-        f"jaxflow.{what}: the ODE solver did not reach the end time: it ran out of "
+    result = RESULTS.promote(sol.result)
+    if input_ok is not None:
+        result = RESULTS.where(input_ok, result, RESULTS.invalid_input)
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~all_finite(y), RESULTS.non_finite, result
+    )
+    return y, result
+
+
+def raise_or_outcome(value, result: RESULTS, name: str, throw: bool):
+    """With `throw`, `value` with an `eqx.error_if` per cause; else an `Outcome`."""
+    if not throw:
+        return Outcome(value=mask_failed(value, result == RESULTS.successful), result=result)
+    value = eqx.error_if(
+        value,
+        result == RESULTS.invalid_input,
+        f"jaxflow.{name}: the input contains NaN or inf, or a time lies outside the "
+        "path's range [t_data, t_noise].",
+    )
+    value = eqx.error_if(
+        value,
+        result == RESULTS.non_finite,
+        f"jaxflow.{name}: the solution is not finite; the field is singular on this "
+        "span (e.g. an Empirical law at t = 0) or the step is too large.",
+    )
+    return eqx.error_if(
+        value,
+        (result != RESULTS.successful)
+        & (result != RESULTS.invalid_input)
+        & (result != RESULTS.non_finite),
+        f"jaxflow.{name}: the ODE solver did not reach the end time: it ran out of "
         "max_steps or its step size collapsed (a non-finite field makes every step "
         "fail). Raise `max_steps`, loosen `rtol`/`atol`, or use a fixed-step solver "
         "with `steps=`.",
     )
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(y)]))
-    return eqx.error_if(
-        y,
-        ~finite,
-        f"jaxflow.{what}: the solution is not finite; the field is singular on this "
-        "span (e.g. an Empirical law at t = 0) or the step is too large.",
-    )
 
 
-def _prepare(field, x, t_start, t_end, what, needs_score=False):
+def check_throw(throw) -> bool:
+    if not isinstance(throw, bool):
+        raise ValueError(f"throw must be True or False, got {throw!r}.")
+    return throw
+
+
+def prepare(
+    field, x, t_start, t_end, name: str, *, needs_score: bool = False
+) -> tuple[Float[Array, " n"], Bool[Array, ""]]:
+    """Check a field and one point for entry point `name`.
+
+    Static problems (not a field, a wrong shape, a time outside the path known in
+    Python) raise `ValueError`. Returns `(x, input_ok)`: `input_ok` is False where
+    `x` is not finite or a traced time lies outside the path; `x` is then replaced
+    by zeros, so that a batch solves its other points unharmed.
+    """
     if not isinstance(field, AbstractVelocityField):
-        raise ValueError(f"{what} needs a jaxflow field, got {type(field).__name__}.")
+        raise ValueError(f"{name} needs a jaxflow field, got {type(field).__name__}.")
     if needs_score and not isinstance(field, AbstractField):
         raise ValueError(
-            f"{what} needs a score, and a {type(field).__name__} has a velocity only (a "
+            f"{name} needs a score, and a {type(field).__name__} has a velocity only (a "
             "flow learned from a non-Gaussian source); integrate its PF-ODE with "
             "jf.generate instead."
         )
     x = jnp.asarray(x)
     if x.ndim != 1:
         raise ValueError(
-            f"{what} takes one point of shape (n,), got shape {x.shape}; "
-            f"batch with jax.vmap(lambda x: jf.{what}(field, x))(xs)."
+            f"{name} takes one point of shape (n,), got shape {x.shape}; "
+            f"batch with jax.vmap(lambda x: jf.{name}(field, x))(xs)."
         )
-    dim = getattr(field, "dim", None)
+    dim = field.dim
     if dim is not None and x.shape[0] != dim:
-        raise ValueError(f"{what}: point has length {x.shape[0]}, the field's law has n = {dim}.")
+        raise ValueError(f"{name}: point has length {x.shape[0]}, the field's law has n = {dim}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     _check_span(field, t_start, t_end)
+    ok = jnp.all(jnp.isfinite(x))
     for t in (t_start, t_end):
         if not isinstance(t, (int, float)):  # only known under jit
-            x = check_time_in_range(field.path, x, t, f"{what}: a time")
-    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{what}: input contains NaN or inf.")
+            ok = ok & (t >= field.path.t_data) & (t <= field.path.t_noise) & jnp.isfinite(t)
+    return jnp.where(ok, x, jnp.zeros_like(x)), ok
 
 
 def span(field: AbstractVelocityField, t_noise=None, t_data=None) -> tuple:
@@ -189,42 +236,31 @@ def span(field: AbstractVelocityField, t_noise=None, t_data=None) -> tuple:
     )
 
 
-def _check_times(times, t_noise, t_data):
-    if isinstance(times, jax.core.Tracer):
-        raise ValueError("times must be a concrete grid (a NumPy array), not traced under jit.")
-    times = np.asarray(times, dtype=float)
-    if times.ndim != 1 or times.shape[0] < 2:
-        raise ValueError(f"times must be a 1-D grid of at least 2 times, got shape {times.shape}.")
-    if not np.all(np.diff(times) > 0):
-        raise ValueError(
-            "times must increase strictly from the data end to the noise end (generate "
-            "walks the grid backwards, invert forwards)."
-        )
-    if t_noise is not None or t_data is not None:
-        raise ValueError("times= sets the span's ends; leave t_noise and t_data unset.")
-    return times
-
-
-def _pf_ode(field, y, what, *, t_noise, t_data, times=None, **solve_kwargs):
+def _pf_ode(
+    field, y, direction: Direction, *, t_noise, t_data, times=None, throw=True, **solve_kwargs
+):
     """The PF-ODE from one end of the span to the other: towards the data for
-    `generate`, towards the noise for `invert`."""
+    `direction='generate'`, towards the noise for `'invert'`."""
+    throw = check_throw(throw)
     if times is not None:
-        times = _check_times(times, t_noise, t_data)
+        times = check_time_grid(times, t_noise, t_data)
         t_noise, t_data = float(times[-1]), float(times[0])
-        if what == "generate":
+        if direction == "generate":
             times = times[::-1]
     t1, t0 = span(field, t_noise, t_data)
-    start, end = (t1, t0) if what == "generate" else (t0, t1)
-    y = _prepare(field, y, start, end, what)
-    return solve_ode(
+    start, end = (t1, t0) if direction == "generate" else (t0, t1)
+    y, ok = prepare(field, y, start, end, direction)
+    y, result = solve_ode(
         lambda t, y: field.velocity_unchecked(y, t),
         y,
         start,
         end,
-        what=what,
+        name=direction,
         times=times,
+        input_ok=ok,
         **solve_kwargs,
     )
+    return raise_or_outcome(y, result, direction, throw)
 
 
 def generate(
@@ -240,7 +276,9 @@ def generate(
     t_data: float | None = None,
     adjoint=None,
     times: Float[ArrayLike, " k"] | None = None,
-) -> Float[Array, " n"]:
+    progress_meter=None,
+    throw: bool = True,
+) -> Float[Array, " n"] | Outcome:
     """The generation map `G(z)`: the PF-ODE from the noise end to the data end
     (paper 000 Def. 2.1).
 
@@ -248,13 +286,13 @@ def generate(
 
     - `field`: any field (`AbstractVelocityField`): analytic, learned or an
       `InterpolantField`.
-    - `z`: one point `(n,)`; batch with `jax.vmap`.
+    - `z`: one point `(n,)`; batch with `jax.vmap` or `jf.batch_map`.
     - `solver`: `'euler' | 'heun' | 'midpoint' | 'dopri5' | 'tsit5' | 'dopri8'` or a
       `diffrax.AbstractSolver`.
     - `steps`: fixed number of equal steps; `None` (default) for an adaptive solve.
     - `rtol, atol`: adaptive tolerances; by default `1e-8` in float64 and `1e-6` in
       float32 (see `default_tolerances`).
-    - `max_steps`: bound on the number of steps; reaching it raises an error.
+    - `max_steps`: bound on the number of steps; reaching it is an error.
     - `t_noise, t_data`: override the ends of the span (e.g. stop at `t_data=1e-3`
       for an `Empirical` law, whose velocity is singular at 0).
     - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work).
@@ -262,8 +300,14 @@ def generate(
       noise end (`generate` walks it backwards, `invert` forwards, so a
       reconstruction uses one grid both ways); its ends are the span. Fine steps
       where the field is stiff, e.g. `np.geomspace` near `t = 0` on the OU path.
+    - `progress_meter`: a diffrax progress meter, e.g.
+      `diffrax.TqdmProgressMeter()` for a long solve; default none.
+    - `throw`: `True` (default) raises when the solve fails; `False` returns an
+      `jf.Outcome` instead, whose `value` is NaN where the point failed and whose
+      `result` says why (per point under `vmap`), so one bad point costs only
+      itself.
 
-    **Returns:** `G(z)`, shape `(n,)`.
+    **Returns:** `G(z)`, shape `(n,)`; with `throw=False`, an `Outcome` holding it.
     """
     return _pf_ode(
         field,
@@ -278,6 +322,8 @@ def generate(
         max_steps=max_steps,
         adjoint=adjoint,
         times=times,
+        progress_meter=progress_meter,
+        throw=throw,
     )
 
 
@@ -294,9 +340,17 @@ def invert(
     t_data: float | None = None,
     adjoint=None,
     times: Float[ArrayLike, " k"] | None = None,
-) -> Float[Array, " n"]:
+    progress_meter=None,
+    throw: bool = True,
+) -> Float[Array, " n"] | Outcome:
     """The inversion map `G^{-1}(x)`: the PF-ODE from the data end to the noise end
-    (paper 000 Def. 2.1). Arguments as for `generate`."""
+    (paper 000 Def. 2.1).
+
+    **Arguments:** as for `generate`, with `x` a data point `(n,)`.
+
+    **Returns:** `G^{-1}(x)`, shape `(n,)`; with `throw=False`, an `Outcome`
+    holding it.
+    """
     return _pf_ode(
         field,
         x,
@@ -310,85 +364,42 @@ def invert(
         max_steps=max_steps,
         adjoint=adjoint,
         times=times,
+        progress_meter=progress_meter,
+        throw=throw,
     )
 
 
 def reconstruct(
-    field: AbstractVelocityField, x: Float[Array, " n"], **solve_kwargs
-) -> Float[Array, " n"]:
+    field: AbstractVelocityField, x: Float[Array, " n"], *, throw: bool = True, **solve_kwargs
+) -> Float[Array, " n"] | Outcome:
     """`Ghat(Ghat^{-1}(x))`: invert then regenerate with the same solver settings
-    (paper 000 Sec. 3.2, Algorithm 1). Keywords as for `generate`."""
-    return generate(field, invert(field, x, **solve_kwargs), **solve_kwargs)
+    (paper 000 Sec. 3.2, Algorithm 1).
+
+    **Arguments:** as for `generate`; `solve_kwargs` go to both solves.
+
+    **Returns:** the reconstruction `(n,)`; with `throw=False`, an `Outcome` whose
+    `result` is the first failure of the two solves.
+    """
+    if check_throw(throw):
+        return generate(field, invert(field, x, **solve_kwargs), **solve_kwargs)
+    z = invert(field, x, throw=False, **solve_kwargs)
+    # a failed inversion is NaN; regenerate from zeros instead so that the second
+    # solve does not report the first one's failure as its own
+    x_hat = generate(field, jnp.where(z.ok, z.value, 0.0), throw=False, **solve_kwargs)
+    result = first_failure(z.result, x_hat.result)
+    return Outcome(value=mask_failed(x_hat.value, result == RESULTS.successful), result=result)
 
 
 def reconstruction_error(
-    field: AbstractVelocityField, x: Float[Array, " n"], **solve_kwargs
-) -> Float[Array, ""]:
-    """`R(x) = |x - Ghat(Ghat^{-1}(x))| / sqrt(n)` (paper 000 eq. 4)."""
-    x_hat = reconstruct(field, x, **solve_kwargs)
-    return jnp.linalg.norm(x - x_hat) / jnp.sqrt(x.shape[-1])
+    field: AbstractVelocityField, x: Float[Array, " n"], *, throw: bool = True, **solve_kwargs
+) -> Float[Array, ""] | Outcome:
+    """`R(x) = |x - Ghat(Ghat^{-1}(x))| / sqrt(n)` (paper 000 eq. 4).
 
+    **Arguments:** as for `reconstruct`.
 
-def sample_sde(
-    field: AbstractField,
-    z: Float[Array, " n"],
-    key: PRNGKeyArray,
-    *,
-    steps: int = 1000,
-    solver=None,
-    t_noise: float | None = None,
-    t_data: float | None = None,
-) -> Float[Array, " n"]:
-    """Integrate the reverse SDE `dx = [v - (g^2/2) s] dt + g dW` from the noise end
-    to the data end (DESIGN §2; paper 002 eq. 4.1 for the OU path).
-
-    Integrated in reversed time `tau = t_noise - t` with diffrax (Euler-Maruyama by
-    default, `steps` equal steps, a `VirtualBrownianTree` driven by `key`, so the
-    result is a deterministic function of `key`).
-
-    **Arguments:**
-
-    - `z`: the starting point `(n,)` at `t_noise`.
-    - `key`: the PRNG key of the Brownian path.
-    - `steps`: number of equal steps.
-    - `t_noise`: start time; default `path.t_noise * (1 - 1e-3)` because the drift is
-      infinite where `alpha = 0` (rectified flow and cosine at `t = 1`).
-    - `t_data`: end time (default the data end, 0).
+    **Returns:** `R(x)`; with `throw=False`, an `Outcome` holding it.
     """
-    path = field.path
-    t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
-    t0 = path.t_data if t_data is None else t_data
-    z = _prepare(field, z, t1, t0, "sample_sde", needs_score=True)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}.")
-    length = t1 - t0
-
-    def drift(tau, y, args):
-        t = t1 - tau
-        return -field.reverse_drift_unchecked(y, t)
-
-    def diffusion(tau, y, args):
-        g = jnp.sqrt(path.diffusion_squared(t1 - tau)).astype(y.dtype)
-        return lx.DiagonalLinearOperator(g * jnp.ones_like(y))
-
-    dt = length / steps
-    bm = diffrax.VirtualBrownianTree(0.0, length, tol=dt / 4, shape=z.shape, key=key)
-    terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
-    sol = diffrax.diffeqsolve(
-        terms,
-        diffrax.Euler() if solver is None else _get_solver(solver),
-        t0=0.0,
-        t1=length,
-        dt0=dt,
-        y0=z,
-        saveat=diffrax.SaveAt(t1=True),
-        max_steps=steps,
-        throw=False,
-    )
-    y = sol.ys[0]
-    return eqx.error_if(
-        y,
-        (sol.result != diffrax.RESULTS.successful) | ~jnp.all(jnp.isfinite(y)),
-        "jaxflow.sample_sde: the SDE solve failed or produced non-finite values; "
-        "use more steps or stop short of a singular end of the path.",
-    )
+    out = reconstruct(field, x, throw=throw, **solve_kwargs)
+    x_hat = out if throw else out.value
+    r = jnp.linalg.norm(x - x_hat) / jnp.sqrt(x.shape[-1])
+    return r if throw else Outcome(value=r, result=out.result)

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._misc import check_positive_int
+
 
 class TrainResult(eqx.Module):
     """What `train` returns.
@@ -88,7 +90,7 @@ def train(
 
     **Arguments:**
 
-    - `model`: an `eqx.Module` (`jf.MLP`, `jf.UNet`, ...).
+    - `model`: an `eqx.Module` (`jf.nn.MLP`, `jf.nn.UNet`, ...).
     - `loss_fn`: e.g. `lambda m, x, k: jf.flow_matching_loss(m, path, x, k)`.
     - `data`: `(N, n)` training points; batches are drawn with replacement.
     - `steps`: total steps; a resumed run continues up to this number.
@@ -113,9 +115,9 @@ def train(
         raise ValueError(f"data must be (N, n) points, got shape {data.shape}.")
     if not jnp.all(jnp.isfinite(data)):
         raise ValueError("data contains NaN or inf.")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("chunk", chunk)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    steps = check_positive_int("steps", steps)
+    batch_size = check_positive_int("batch_size", batch_size)
+    chunk = check_positive_int("chunk", chunk)
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}.")
     optimiser = optax.adam(1e-3) if optimiser is None else optimiser

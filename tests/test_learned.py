@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxflow as jf
+from jaxflow._learned import target as regression_target
 
 QUANTITY = {
     "velocity": lambda f: f.velocity,
@@ -44,7 +45,7 @@ def test_each_parameterisation_reproduces_the_analytic_field(path, parameterisat
 
 def test_networks_shapes_jit_vmap_and_jacobian():
     key = jax.random.PRNGKey(0)
-    mlp = jf.MLP(3, 32, 2, key=key)
+    mlp = jf.nn.MLP(3, 32, 2, key=key)
     out = eqx.filter_jit(lambda m, xs: jax.vmap(m, in_axes=(0, None))(xs, 0.3))(
         mlp, jnp.ones((5, 3))
     )
@@ -55,13 +56,13 @@ def test_networks_shapes_jit_vmap_and_jacobian():
         return net(x, 0.5), net(x, 0.1)
 
     # two levels 8x8 -> 4x4, attention at 4x4
-    net = jf.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=key)
+    net = jf.nn.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=key)
     # every parameter is concrete and drawn as Equinox would: U(+-1/sqrt(fan_in))
     assert not any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(net))
     w = np.asarray(net.conv_in.weight)
     assert np.abs(w).max() <= 1 / 3 and np.abs(w).max() > 0.25 and w.std() > 0.1
     np.testing.assert_array_equal(net.norm_out.weight, 1.0)
-    other = jf.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=jax.random.PRNGKey(9))
+    other = jf.nn.UNet((1, 8, 8), 8, (1, 2), heads=2, groups=4, key=jax.random.PRNGKey(9))
     assert not np.allclose(other.conv_in.weight, w)
     x = jax.random.normal(key, (64,))
     y, y_early = at_two_times(net, x)
@@ -84,13 +85,11 @@ def test_networks_shapes_jit_vmap_and_jacobian():
 def test_channel_last_layers_match_equinox(stride):
     """The UNet's own channel-last convolution and group norm (fast inside XLA:CPU
     loops) against Equinox's channel-first layers on the transposed image."""
-    from jaxflow._networks import _Conv, _GroupNorm
-
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(stride), 3)
     ref = eqx.nn.Conv2d(6, 4, 3, stride=stride, padding=1, key=k1)
     conv = eqx.tree_at(
         lambda c: (c.weight, c.bias),
-        _Conv(6, 4, 3, stride=stride, padding=1),
+        jf.nn.Conv(6, 4, 3, stride=stride, padding=1, key=k1),
         (jnp.transpose(ref.weight, (2, 3, 1, 0)), ref.bias[:, 0, 0]),
     )
     x = jax.random.normal(k2, (8, 8, 6))
@@ -99,27 +98,27 @@ def test_channel_last_layers_match_equinox(stride):
     gn_ref = eqx.nn.GroupNorm(3, 6)
     scale, shift = jax.random.normal(k3, (2, 6))
     gn_ref = eqx.tree_at(lambda g: (g.weight, g.bias), gn_ref, (scale, shift))
-    gn = eqx.tree_at(lambda g: (g.weight, g.bias), _GroupNorm(3, 6), (scale, shift))
+    gn = eqx.tree_at(lambda g: (g.weight, g.bias), jf.nn.GroupNorm(3, 6), (scale, shift))
     np.testing.assert_allclose(gn(x), jnp.transpose(gn_ref(chw), (1, 2, 0)), rtol=1e-8, atol=1e-10)
 
 
 def test_bad_input_raises():
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="divisible"):
-        jf.UNet((1, 6, 6), 8, (1, 2, 2), key=key)
+        jf.nn.UNet((1, 6, 6), 8, (1, 2, 2), key=key)
     with pytest.raises(ValueError, match="heads"):
-        jf.UNet((1, 8, 8), 6, (1, 1), heads=4, key=key)
+        jf.nn.UNet((1, 8, 8), 6, (1, 1), heads=4, key=key)
     with pytest.raises(ValueError, match="flat images"):
-        jf.UNet((1, 8, 8), 8, (1, 2), heads=2, key=key)(jnp.ones((1, 8, 8)), 0.5)
+        jf.nn.UNet((1, 8, 8), 8, (1, 2), heads=2, key=key)(jnp.ones((1, 8, 8)), 0.5)
     with pytest.raises(ValueError, match="parameterisation"):
-        jf.LearnedField(jf.MLP(2, key=key), jf.RectifiedFlow(), "epsilon")
+        jf.LearnedField(jf.nn.MLP(2, key=key), jf.RectifiedFlow(), "epsilon")
     with pytest.raises(ValueError, match="coupling"):
         jf.flow_matching_loss(
-            jf.MLP(2, key=key), jf.RectifiedFlow(), jnp.ones((4, 2)), key, coupling="x"
+            jf.nn.MLP(2, key=key), jf.RectifiedFlow(), jnp.ones((4, 2)), key, coupling="x"
         )
     with pytest.raises(ValueError, match="velocity target only"):
         jf.flow_matching_loss(
-            jf.MLP(2, key=key),
+            jf.nn.MLP(2, key=key),
             jf.RectifiedFlow(),
             jnp.ones((4, 2)),
             key,
@@ -127,7 +126,7 @@ def test_bad_input_raises():
             coupling="ot",
         )
     with pytest.raises(ValueError, match="batch"):
-        jf.flow_matching_loss(jf.MLP(2, key=key), jf.RectifiedFlow(), jnp.ones(4), key)
+        jf.flow_matching_loss(jf.nn.MLP(2, key=key), jf.RectifiedFlow(), jnp.ones(4), key)
 
 
 @pytest.mark.parametrize("parameterisation", sorted(QUANTITY))
@@ -148,7 +147,7 @@ def test_analytic_field_is_the_loss_minimiser(parameterisation):
         t = jax.random.uniform(kt, (len(x),), x.dtype, 1e-3, 1 - 1e-3)
         z = jax.random.normal(kz, x.shape, x.dtype)
         xt = path.alpha(t)[:, None] * x + path.sigma(t)[:, None] * z
-        target = jax.vmap(jf._objectives._target, in_axes=(None, None, 0, 0, 0))(
+        target = jax.vmap(regression_target, in_axes=(None, None, 0, 0, 0))(
             path, parameterisation, x, z, t
         )
         err = jax.vmap(g)(xt, t) - target
@@ -214,7 +213,7 @@ def test_flow_matching_on_mixture_samples_converges_to_the_analytic_field():
         pred = jax.vmap(learned.velocity)(x_eval, t_eval)
         return float(jnp.linalg.norm(pred - target) / jnp.linalg.norm(target))
 
-    model = jf.MLP(2, 64, 3, key=jax.random.PRNGKey(7))
+    model = jf.nn.MLP(2, 64, 3, key=jax.random.PRNGKey(7))
     errors = [rel_error(model)]
     for steps in (300, 3000):
         trained, losses = _train(model, x, jax.random.PRNGKey(8), steps)
@@ -230,7 +229,7 @@ def test_generate_with_a_learned_field_reaches_the_data_end(parameterisation):
     fine fixed-step solve (regression: v used to be computed through the score,
     0 * inf at sigma = 0)."""
     field = jf.LearnedField(
-        jf.MLP(2, 16, 2, key=jax.random.PRNGKey(0)), jf.RectifiedFlow(), parameterisation
+        jf.nn.MLP(2, 16, 2, key=jax.random.PRNGKey(0)), jf.RectifiedFlow(), parameterisation
     )
     z = jnp.array([0.3, -0.2])
     if parameterisation != "velocity":

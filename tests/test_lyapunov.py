@@ -194,7 +194,7 @@ def test_top_vector_on_the_fig3_ridge_is_the_top_singular_vector():
     than the other: the top Lyapunov vector must be the top left singular vector.
     The top right singular vector (at z) is the least stretched Lyapunov vector
     of the inversion flow from G(z), since J_G^{-1} = V S^{-1} U^T."""
-    field = jf.AnalyticField(jf.fig3_mixture(jnp.float64), jf.RectifiedFlow())
+    field = jf.AnalyticField(jf.data.fig3_mixture(jnp.float64), jf.RectifiedFlow())
     z = jnp.array([-0.18, 0.01])
     spec, _, jac = _generation_spectrum(field, z, jnp.eye(2))
     u, s, vt = np.linalg.svd(np.asarray(jac))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jaxflow as jf
-from jaxflow._examples import sparse_neighbours as assumption_4_4_neighbours
-from jaxflow._examples import tiling_neighbours, width_for_box_mass
+from jaxflow.data import sparse_neighbours as assumption_4_4_neighbours
+from jaxflow.data import tiling_neighbours, width_for_box_mass
 
 
 def fixed_width_neighbours(n, m=3, side=0.05, width=0.01, seed=0):

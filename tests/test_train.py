@@ -26,7 +26,7 @@ def _leaves(model):
 @pytest.fixture(scope="module")
 def setup():
     data = jf.data.two_moons(jax.random.PRNGKey(0), 2000, dtype=jnp.float64)
-    model = jf.MLP(2, 32, 2, key=jax.random.PRNGKey(1))
+    model = jf.nn.MLP(2, 32, 2, key=jax.random.PRNGKey(1))
     return data, model
 
 

@@ -1,9 +1,10 @@
-"""Construction-time validation shared by laws, paths and entry points.
+"""Validation shared by laws, paths, fields, networks and entry points.
 
 Values known at construction raise `ValueError` naming the fix; values only known
-under `jit` (tracers) are left to `eqx.error_if` at the call sites.
+under `jit` (tracers) go through `eqx.error_if`.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,3 +72,36 @@ def check_positive(name: str, values) -> None:
         raise ValueError(
             f"{name} must be > 0 everywhere, got min {np.min(np.asarray(values)):.3g}."
         )
+
+
+def check_positive_int(name: str, value) -> int:
+    """A positive Python or NumPy integer (not a bool), returned as `int`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def check_time_in_range(path, x, t, what: str = "time t"):
+    """`eqx.error_if` on `x` when a (traced) time lies outside `path`'s range."""
+    bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
+    return eqx.error_if(
+        x, bad, f"{what} is outside the path's range [t_data, t_noise]; clip it to it."
+    )
+
+
+def check_time_grid(times, t_noise, t_data) -> np.ndarray:
+    """A concrete grid of times increasing strictly from the data end to the noise
+    end (`times=` of `generate`, `invert`, `sample_ddpm`), as NumPy floats."""
+    if isinstance(times, jax.core.Tracer):
+        raise ValueError("times must be a concrete grid (a NumPy array), not traced under jit.")
+    times = np.asarray(times, dtype=float)
+    if times.ndim != 1 or times.shape[0] < 2:
+        raise ValueError(f"times must be a 1-D grid of at least 2 times, got shape {times.shape}.")
+    if not np.all(np.diff(times) > 0):
+        raise ValueError(
+            "times must increase strictly from the data end to the noise end (generate "
+            "walks the grid backwards, invert forwards)."
+        )
+    if t_noise is not None or t_data is not None:
+        raise ValueError("times= sets the span's ends; leave t_noise and t_data unset.")
+    return times

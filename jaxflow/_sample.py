@@ -1,4 +1,7 @@
-"""The DDPM ancestral step: the exact transition of the reverse dynamics when the
+"""Stochastic samplers: the reverse SDE (diffrax Euler-Maruyama, and one step of
+it for code that walks the chain itself) and DDPM ancestral sampling.
+
+The DDPM ancestral step is the exact transition of the reverse dynamics when the
 denoiser `x0_bar = E[X_0 | X_t]` is frozen over a step (paper 002 Prop. 4.3,
 eq. 4.21-4.24; Ho et al. 2020 eq. 6-7), for any Gaussian path.
 
@@ -9,14 +12,19 @@ with mean `(a sigma_{t'}^2 x + alpha_{t'} b^2 x0) / sigma_t^2` and variance
 `b^2 sigma_{t'}^2 / sigma_t^2`. On the OU path these are eq. 4.23-4.24.
 """
 
-import equinox as eqx
+from collections.abc import Callable
+
+import diffrax
 import jax
 import jax.numpy as jnp
+import lineax as lx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractField
+from ._misc import check_positive_int, check_time_grid
 from ._paths import AbstractPath
-from ._solve import _check_times, _prepare
+from ._results import RESULTS, Outcome, all_finite
+from ._solve import check_throw, get_solver, prepare, raise_or_outcome
 
 
 def ddpm_coefficients(
@@ -80,7 +88,8 @@ def sample_ddpm(
     t_noise: float | None = None,
     t_data: float | None = None,
     times: Float[ArrayLike, " k"] | None = None,
-) -> Float[Array, " n"]:
+    throw: bool = True,
+) -> Float[Array, " n"] | Outcome:
     """DDPM ancestral sampling: `steps` equal steps of `ddpm_step` from `t_noise` to
     `t_data` (or the steps of a given grid), with `x0_bar = field.denoise(x, t)` at
     the start of each step.
@@ -99,20 +108,22 @@ def sample_ddpm(
     - `times`: instead of `steps`, `t_noise` and `t_data`, a grid increasing from
       the data end to the noise end (as for `generate`), walked backwards: fine
       steps near `t = 0`, where the denoiser changes fastest.
+    - `throw`: as for `generate`: `False` returns an `Outcome` (NaN and a
+      `non_finite` result where the chain blew up) instead of raising.
 
-    **Returns:** the state at `t_data`.
+    **Returns:** the state at `t_data`; with `throw=False`, an `Outcome` holding it.
     """
+    throw = check_throw(throw)
     path = field.path
     if times is not None:
-        checked = _check_times(times, t_noise, t_data)
+        checked = check_time_grid(times, t_noise, t_data)
         t0, t1, steps = float(checked[0]), float(checked[-1]), checked.shape[0] - 1
         grid = jnp.asarray(checked[::-1].copy())  # walked backwards: the noise end first
 
         def time_at(i):
             return grid[i]
     else:
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}.")
+        steps = check_positive_int("steps", steps)
         t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
         t0 = path.t_data if t_data is None else t_data
 
@@ -125,7 +136,7 @@ def sample_ddpm(
         raise ValueError(
             f"sample_ddpm runs towards the data: need t_data < t_noise, got {t0} and {t1}."
         )
-    z = _prepare(field, z, t1, t0, "sample_ddpm", needs_score=True)
+    z, ok = prepare(field, z, t1, t0, "sample_ddpm", needs_score=True)
 
     def body(x, i):
         t, t_next = time_at(i), time_at(i + 1)
@@ -133,8 +144,108 @@ def sample_ddpm(
         return ddpm_step(path, x, t, t_next, field.denoise(x, t), noise), None
 
     x, _ = jax.lax.scan(body, z, jnp.arange(steps))
-    return eqx.error_if(
-        x,
-        ~jnp.all(jnp.isfinite(x)),
-        "jaxflow.sample_ddpm: non-finite state; t_noise must lie where alpha > 0 and sigma > 0.",
+    return _finish_chain(x, ok, "sample_ddpm", throw)
+
+
+def _finish_chain(x, input_ok, name, throw, result=RESULTS.successful):
+    result = RESULTS.where(input_ok, result, RESULTS.invalid_input)
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~all_finite(x), RESULTS.non_finite, result
     )
+    return raise_or_outcome(x, result, name, throw)
+
+
+def sample_sde(
+    field: AbstractField,
+    z: Float[Array, " n"],
+    key: PRNGKeyArray,
+    *,
+    steps: int = 1000,
+    solver=None,
+    t_noise: float | None = None,
+    t_data: float | None = None,
+    progress_meter=None,
+    throw: bool = True,
+) -> Float[Array, " n"] | Outcome:
+    """Integrate the reverse SDE `dx = [v - (g^2/2) s] dt + g dW` from the noise end
+    to the data end (DESIGN §2; paper 002 eq. 4.1 for the OU path).
+
+    Integrated in reversed time `tau = t_noise - t` with diffrax (Euler-Maruyama by
+    default, `steps` equal steps, a `VirtualBrownianTree` driven by `key`, so the
+    result is a deterministic function of `key`).
+
+    **Arguments:**
+
+    - `z`: the starting point `(n,)` at `t_noise`.
+    - `key`: the PRNG key of the Brownian path.
+    - `steps`: number of equal steps.
+    - `t_noise`: start time; default `path.t_noise * (1 - 1e-3)` because the drift is
+      infinite where `alpha = 0` (rectified flow and cosine at `t = 1`).
+    - `t_data`: end time (default the data end, 0).
+    - `progress_meter`: a diffrax progress meter; default none.
+    - `throw`: as for `generate`.
+
+    **Returns:** the state at `t_data`; with `throw=False`, an `Outcome` holding it.
+    """
+    throw = check_throw(throw)
+    path = field.path
+    t1 = path.t_noise * (1 - 1e-3) if t_noise is None else t_noise
+    t0 = path.t_data if t_data is None else t_data
+    z, ok = prepare(field, z, t1, t0, "sample_sde", needs_score=True)
+    steps = check_positive_int("steps", steps)
+    length = t1 - t0
+
+    def drift(tau, y, args):
+        t = t1 - tau
+        return -field.reverse_drift_unchecked(y, t)
+
+    def diffusion(tau, y, args):
+        g = jnp.sqrt(path.diffusion_squared(t1 - tau)).astype(y.dtype)
+        return lx.DiagonalLinearOperator(g * jnp.ones_like(y))
+
+    dt = length / steps
+    bm = diffrax.VirtualBrownianTree(0.0, length, tol=dt / 4, shape=z.shape, key=key)
+    terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
+    sol = diffrax.diffeqsolve(
+        terms,
+        diffrax.Euler() if solver is None else get_solver(solver),
+        t0=0.0,
+        t1=length,
+        dt0=dt,
+        y0=z,
+        saveat=diffrax.SaveAt(t1=True),
+        max_steps=steps,
+        progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
+        throw=False,
+    )
+    return _finish_chain(sol.ys[0], ok, "sample_sde", throw, RESULTS.promote(sol.result))
+
+
+def reverse_sde_step(
+    field: AbstractField,
+    x: Float[Array, " n"],
+    t: Float[ArrayLike, ""],
+    h: Float[ArrayLike, ""],
+    noise: Float[Array, " n"],
+    score_error: Callable[[Float[Array, " n"]], Float[Array, " n"]] | None = None,
+) -> Float[Array, " n"]:
+    """One Euler-Maruyama step of the reverse SDE from `t` to `t - h`:
+    `x - h (f x - g^2 s) + g sqrt(h) xi` (DESIGN §2), for code that walks the
+    chain itself (a Lyapunov analysis of the stochastic sampler, paper 003 G.5,
+    freezes `xi` per step and differentiates the step).
+
+    **Arguments:**
+
+    - `field`: a field with a score (`AbstractField`).
+    - `x`: the state at `t`; `t`: the time; `h`: the step, `> 0` towards the data.
+    - `noise`: a standard normal draw `xi` of `x`'s shape.
+    - `score_error`: an optional `e(x)` added to the score (a model of a learned
+      score's error, paper 003 G.5).
+
+    **Returns:** the state at `t - h`.
+    """
+    g2 = field.path.diffusion_squared(t)
+    drift = field.reverse_drift(x, t)
+    if score_error is not None:
+        drift = drift - g2 * score_error(x)
+    return x - h * drift + jnp.sqrt(g2 * h) * noise

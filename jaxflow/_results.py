@@ -1,0 +1,77 @@
+"""Per-point outcomes, for sweeps where one bad point must not cost the batch.
+
+Every solving and analysis entry point raises by default (through `eqx.error_if`,
+so also under `jit` and `vmap`). With `throw=False` it returns an `Outcome`
+instead: the value, NaN where no value exists, and a `RESULTS` item saying what
+happened to that point, as diffrax's `diffeqsolve(..., throw=False)` does.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, PyTree
+
+
+class RESULTS(diffrax.RESULTS):  # pyright: ignore
+    """What happened to one point: diffrax's outcomes of a solve (`successful`,
+    `max_steps_reached`, ...) and jaxflow's own.
+
+    Compare items with `==` (`outcome.result == jf.RESULTS.successful`, elementwise
+    for a batch); printing an item shows its message.
+    """
+
+    invalid_input = (
+        "The input point contains NaN or inf, or a time lies outside the path's "
+        "range [t_data, t_noise]."
+    )
+    non_finite = (
+        "The result is not finite: the field is singular on this span (e.g. an "
+        "Empirical law at t = 0) or the step is too large."
+    )
+
+
+class Outcome(eqx.Module):
+    """A value with its per-point status, returned by the entry points called with
+    `throw=False`.
+
+    - `value`: what the entry point returns with `throw=True`; NaN where the
+      status is not `successful` (and NaN tangents, so a JVP through a failed
+      point is NaN too, not a silent zero).
+    - `result`: a `jf.RESULTS` item (batched like `value` under `vmap`).
+    """
+
+    value: PyTree[Array]
+    result: RESULTS
+
+    @property
+    def ok(self) -> Bool[Array, "..."]:
+        """True where the point succeeded."""
+        return self.result == RESULTS.successful
+
+
+def all_finite(tree) -> Bool[Array, ""]:
+    """True when every leaf of `tree` is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
+def mask_failed(tree, ok):
+    """NaN where not `ok`, in primal and tangent alike (a `where` would give a zero
+    tangent at a failed point)."""
+
+    def mask(a):
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            return a
+        return a * jnp.where(ok, jnp.ones((), a.dtype), jnp.full((), jnp.nan, a.dtype))
+
+    return jax.tree_util.tree_map(mask, tree)
+
+
+def first_failure(*results: RESULTS) -> RESULTS:
+    """The first result that is not `successful` (for chained solves), else
+    `successful`."""
+    out = RESULTS.successful
+    for r in reversed(results):
+        out = RESULTS.where(r == RESULTS.successful, out, r)
+    return out

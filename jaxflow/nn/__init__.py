@@ -1,0 +1,12 @@
+"""Networks for learned fields, like `equinox.nn`: each maps a flat point `(n,)`
+and a time to `(n,)`, so a `jf.LearnedField` built on it is analysed like any
+closed-form field (Jacobians, spectra and solvers all work on flat vectors)."""
+
+from ._embedding import sinusoidal_embedding as sinusoidal_embedding
+from ._layers import Conv as Conv
+from ._layers import GroupNorm as GroupNorm
+from ._layers import ResBlock as ResBlock
+from ._layers import SelfAttention as SelfAttention
+from ._layers import group_count as group_count
+from ._mlp import MLP as MLP
+from ._unet import UNet as UNet
