@@ -1,8 +1,13 @@
 """Networks for learned fields, like `equinox.nn`: each maps a flat point `(n,)`
 and a time to `(n,)`, so a `jf.LearnedField` built on it is analysed like any
-closed-form field (Jacobians, spectra and solvers all work on flat vectors)."""
+closed-form field (Jacobians, spectra and solvers all work on flat vectors).
+
+`FlaxNNX` and `FlaxLinen` wrap Flax networks (nnx, or linen with its variables)
+the same way; they need the optional `flax` (`pip install "jaxflow[flax]"`)."""
 
 from ._embedding import sinusoidal_embedding as sinusoidal_embedding
+from ._flax import FlaxLinen as FlaxLinen
+from ._flax import FlaxNNX as FlaxNNX
 from ._layers import Conv as Conv
 from ._layers import GroupNorm as GroupNorm
 from ._layers import ResBlock as ResBlock
