@@ -1,6 +1,7 @@
 """The training loop (exact resumption from orbax checkpoints, EMA, failure on a
 non-finite loss) and the data loaders."""
 
+import io
 import sys
 
 import equinox as eqx
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 import jaxflow as jf
+from jaxflow._train import _Progress
 
 PATH = jf.RectifiedFlow()
 
@@ -67,6 +69,14 @@ def test_resumed_run_equals_a_straight_run(setup, tmp_path):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(straight.losses[60:], resumed.losses)
     np.testing.assert_array_equal(straight.losses[:60], first.losses)
+    # the whole TrainState, optimiser state and step included, leaf for leaf
+    assert isinstance(resumed.state, jf.TrainState)
+    assert int(resumed.state.step) == resumed.step == 120
+    a, b = jax.tree.flatten(straight.state), jax.tree.flatten(resumed.state)
+    assert a[1] == b[1]
+    for x, y in zip(a[0], b[0], strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
     m, ema, step, config = jf.load_checkpoint(str(tmp_path), model)
     assert step == 120 and config["step"] == 120
     assert config["prng_key"] == np.asarray(key).tolist()
@@ -153,6 +163,49 @@ def test_bad_input_raises(setup):
         jf.train(model, _loss, data, steps=0, key=key)
     with pytest.raises(ValueError, match="ema_decay"):
         jf.train(model, _loss, data, steps=1, key=key, ema_decay=1.0)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jf.train(model, _loss, data, steps=1, key=key, checkpoint_every=0)
+
+
+def test_progress_is_one_plain_line_a_chunk_in_a_log(setup, capsys):
+    """stderr captured, not a terminal (a log, CI): a full line a chunk, no bar."""
+    data, _ = setup
+    model = jf.nn.MLP(2, 8, 1, key=jax.random.PRNGKey(1))
+    jf.train(model, _loss, data, steps=6, chunk=3, batch_size=16, key=jax.random.PRNGKey(2))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["step 3/6", "step 6/6"]
+    assert all("loss " in line and "\r" not in line for line in lines)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_in_a_terminal_is_a_tqdm_bar_or_a_redrawn_line(monkeypatch):
+    """In a terminal: a tqdm bar with the loss in its postfix; without tqdm, which
+    is optional, the line redrawn with a carriage return and ended at the close,
+    also when the run stops early. Disabled, nothing at all."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    with _Progress(True, 10, 30) as report:
+        report.update(20, 0.5)
+        report.update(30, 0.25)
+    out = sys.stderr.getvalue()
+    assert "30/30" in out and "loss=0.25" in out and out.endswith("\n")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    for stop in (30, 20):
+        monkeypatch.setattr(sys, "stderr", _Terminal())
+        with _Progress(True, 10, 30) as report:
+            for step in range(20, stop + 1, 10):
+                report.update(step, 0.5)
+        out = sys.stderr.getvalue()
+        assert out.startswith("\rstep 20/30  loss 0.5") and out.count("\n") == 1
+        assert out.endswith("\n") and ("\rstep 30/30" in out) == (stop == 30)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    with _Progress(False, 0, 30) as report:
+        report.update(30, 0.5)
+    assert sys.stderr.getvalue() == ""
 
 
 def test_digits_are_the_real_dataset_in_range():
