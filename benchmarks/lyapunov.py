@@ -168,7 +168,7 @@ def main():
                     0.0,
                     steps * dt,
                     steps=steps,
-                    transient=transient * dt,
+                    transient_time=transient * dt,
                     save_stretch=False,
                 ).exponents
             )

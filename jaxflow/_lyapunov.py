@@ -4,7 +4,7 @@ Along a path `x_{i+1} = F_i(x_i)`, an orthonormal frame `Q_i` (n x k) is pushed
 forward with JVPs and re-orthonormalised, `dF_i(x_i) Q_i = Q_{i+1} R_i`; the
 exponents are the time averages of `log |diag R_i|` and the columns of the final
 `Q` span the most sensitive k-dimensional subbundle (paper 003 section 4,
-appendix A; DESIGN §5). Nothing of the path is stored but the per-step stretching
+appendix A; docs/mathematics.md §5). Nothing of the path is stored but the per-step stretching
 factors, when asked for.
 
 Covariant Lyapunov vectors (Ginelli et al. 2007, Phys. Rev. Lett. 99, 130601)
@@ -16,15 +16,20 @@ constant linear map.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._solve import get_solver
+from ._results import RESULTS, Outcome, all_finite, mask_failed
+from ._solve import check_throw, get_solver
+
+# Steps over [t0, t1] when `lyapunov_spectrum` is given neither `steps` nor `dt`.
+DEFAULT_FLOW_STEPS = 1000
 
 
 class LyapunovSpectrum(eqx.Module):
@@ -40,19 +45,57 @@ class LyapunovSpectrum(eqx.Module):
     - `covariant_vectors`: `(n, k)` unit covariant (Ginelli) vectors, column `i`
       for `exponents[i]`, at `covariant_state`; `None` unless asked for.
     - `covariant_state`: the point the covariant vectors belong to, the path's
-      state `covariant` steps before its end; `None` unless asked for.
+      state `covariant_steps` steps (a map) or `covariant_time` (a flow) before
+      its end; `None` unless asked for.
     """
 
     exponents: Float[Array, " k"]
     vectors: Float[Array, "n k"]
     log_stretch: Float[Array, "steps k"] | None
-    order: Array
+    order: Int[Array, " k"]
     final_state: Float[Array, " n"]
     covariant_vectors: Float[Array, "n k"] | None = None
     covariant_state: Float[Array, " n"] | None = None
 
 
-def _initial_frame(n, k, dtype, key, frame):
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """How the steps of a path are spent, in whole steps and in order.
+
+    - `transient_steps`: taken first, to align the frame; not averaged.
+    - `averaged_steps`: the steps the exponents average over.
+    - `covariant_steps`: the last of the averaged steps, whose `R` factors are kept
+      for the backward (Ginelli) pass; 0 for none.
+    - `averaged_span`: what the exponents are "per": the number of averaged steps
+      for a map, the (positive) time they span for a flow.
+    """
+
+    transient_steps: int
+    averaged_steps: int
+    covariant_steps: int
+    averaged_span: int | float
+
+
+def _as_point(x0) -> Float[Array, " n"]:
+    """`x0` as an array of shape `(n,)`, else `ValueError`."""
+    x0 = jnp.asarray(x0)
+    if x0.ndim != 1:
+        raise ValueError(f"x0 must be one point of shape (n,), got {x0.shape}.")
+    return x0
+
+
+def _check_k(k, n) -> int:
+    """The number of exponents: `k`, or all `n` when `None`."""
+    if k is None:
+        return n
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, n = {n}], got {k!r}.")
+    return k
+
+
+def _initial_frame(n, k, dtype, key, frame) -> Float[Array, "n k"]:
+    """The orthonormal `(n, k)` frame to start from: `frame` orthonormalised, a
+    random one from `key`, or the first `k` coordinate axes."""
     if frame is not None:
         frame = jnp.asarray(frame, dtype)
         if frame.shape != (n, k):
@@ -63,14 +106,6 @@ def _initial_frame(n, k, dtype, key, frame):
         return jnp.eye(n, k, dtype=dtype)
     q, _ = jnp.linalg.qr(jax.random.normal(key, (n, k), dtype))
     return q
-
-
-def _check_k(k, n):
-    if k is None:
-        return n
-    if not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k must be an int in [1, n = {n}], got {k!r}.")
-    return k
 
 
 def _qr_step(step_fn, x, q, i):
@@ -84,15 +119,21 @@ def _qr_step(step_fn, x, q, i):
     return xs[0], q_new * sign, r * sign[:, None]
 
 
-def _run(step_fn, x0, q0, start, num_steps, save, keep_r=False):
+def _run(step_fn, x, q, *, start: int, num_steps: int, save_stretch: bool, keep_r: bool):
+    """Push the path and the frame over steps `start .. start + num_steps - 1`.
+
+    Returns `(x, q, total, log_r, rs)`: the end point and frame, the summed
+    `log |diag R|`, and the per-step `log |diag R|` / `R` factors where asked for
+    (`None` otherwise, so that nothing of the path is stored by default).
+    """
+
     def body(carry, i):
         x, q, total = carry
         x, q, r = _qr_step(step_fn, x, q, i)
         log_r = jnp.log(jnp.abs(jnp.diagonal(r)))
-        return (x, q, total + log_r), (log_r if save else None, r if keep_r else None)
+        return (x, q, total + log_r), (log_r if save_stretch else None, r if keep_r else None)
 
-    k = q0.shape[1]
-    init = (x0, q0, jnp.zeros(k, x0.dtype))
+    init = (x, q, jnp.zeros(q.shape[1], x.dtype))
     (x, q, total), (log_r, rs) = jax.lax.scan(body, init, start + jnp.arange(num_steps))
     return x, q, total, log_r, rs
 
@@ -110,69 +151,121 @@ def _ginelli(rs):
     return c
 
 
-def _spectrum(step_fn, x0, q0, n_transient, averaged, save, covariant, scale, what):
-    """Transient, then `averaged` steps whose last `covariant` also store `R`."""
+def _covariant_vectors(q, rs) -> Float[Array, "n k"]:
+    """Unit covariant vectors `Q C` at the start of the stretch whose `R` factors
+    are `rs`, `q` being the frame there."""
+    v = q @ _ginelli(rs)
+    return v / jnp.linalg.norm(v, axis=0, keepdims=True)
+
+
+def _spectrum(step_fn, x0, q0, *, schedule: _Schedule, save_stretch: bool) -> LyapunovSpectrum:
+    """Run `schedule` from `(x0, q0)`: the transient, then the averaged steps, the
+    last `covariant_steps` of them keeping their `R` factors."""
     x, q = x0, q0
-    if n_transient:
-        x, q, _, _, _ = _run(step_fn, x, q, 0, n_transient, False)
-    head = averaged - covariant
-    x, q, total, log_r, _ = _run(step_fn, x, q, n_transient, head, save)
-    if not covariant:
-        return _finish(x, q, total, scale, log_r, what)
-    x_cov, q_cov = x, q
-    x, q, total_tail, log_r_tail, rs = _run(
-        step_fn, x, q, n_transient + head, covariant, save, keep_r=True
+    if schedule.transient_steps:
+        x, q, _, _, _ = _run(
+            step_fn,
+            x,
+            q,
+            start=0,
+            num_steps=schedule.transient_steps,
+            save_stretch=False,
+            keep_r=False,
+        )
+    head = schedule.averaged_steps - schedule.covariant_steps
+    x, q, total, log_r, _ = _run(
+        step_fn,
+        x,
+        q,
+        start=schedule.transient_steps,
+        num_steps=head,
+        save_stretch=save_stretch,
+        keep_r=False,
     )
-    if save:
-        log_r = jnp.concatenate([log_r, log_r_tail])
-    v = q_cov @ _ginelli(rs)
-    v = v / jnp.linalg.norm(v, axis=0, keepdims=True)
-    return _finish(x, q, total + total_tail, scale, log_r, what, v, x_cov)
+    covariant_vectors = covariant_state = None
+    if schedule.covariant_steps:
+        # the covariant vectors belong to where the stored stretch begins
+        covariant_state, q_start = x, q
+        x, q, tail_total, tail_log_r, rs = _run(
+            step_fn,
+            x,
+            q,
+            start=schedule.transient_steps + head,
+            num_steps=schedule.covariant_steps,
+            save_stretch=save_stretch,
+            keep_r=True,
+        )
+        total = total + tail_total
+        if save_stretch:
+            log_r = jnp.concatenate([log_r, tail_log_r])
+        covariant_vectors = _covariant_vectors(q_start, rs)
+    return _sorted_spectrum(
+        total / schedule.averaged_span, q, log_r, x, covariant_vectors, covariant_state
+    )
 
 
-def _finish(x, q, total, scale, log_r, what, covariant=None, covariant_state=None):
-    exponents = total / scale
+def _sorted_spectrum(
+    exponents, q, log_r, x, covariant_vectors, covariant_state
+) -> LyapunovSpectrum:
+    """A `LyapunovSpectrum` with the exponents in descending order and every
+    per-exponent column in the same order (`log_stretch` stays in the frame's)."""
     order = jnp.argsort(-exponents)
-    bad = ~jnp.all(jnp.isfinite(exponents)) | ~jnp.all(jnp.isfinite(x))
-    if covariant is not None:
-        bad = bad | ~jnp.all(jnp.isfinite(covariant))
-    exponents = eqx.error_if(
-        exponents,
-        bad,
-        f"jaxflow.{what}: the path or the tangent frame became non-finite; check the "
-        "field/map for NaN or overflow, or shorten the step.",
-    )
     return LyapunovSpectrum(
         exponents=exponents[order],
         vectors=q[:, order],
         log_stretch=log_r,
         order=order,
         final_state=x,
-        covariant_vectors=None if covariant is None else covariant[:, order],
+        covariant_vectors=None if covariant_vectors is None else covariant_vectors[:, order],
         covariant_state=covariant_state,
     )
 
 
-def _check_covariant(covariant, averaged):
-    if not isinstance(covariant, int) or not 0 <= covariant < averaged:
-        raise ValueError(
-            f"covariant must be an int in [0, {averaged}) (steps of the backward pass, "
-            f"fewer than the averaged steps), got {covariant!r}."
+def _result(spectrum: LyapunovSpectrum) -> RESULTS:
+    """`non_finite` where the exponents, the path or any vectors are not finite."""
+    finite = all_finite(
+        (
+            spectrum.exponents,
+            spectrum.vectors,
+            spectrum.final_state,
+            spectrum.covariant_vectors,
+            spectrum.covariant_state,
         )
+    )
+    return RESULTS.where(finite, RESULTS.successful, RESULTS.non_finite)
+
+
+def _raise_or_outcome(
+    spectrum: LyapunovSpectrum, name: str, throw: bool
+) -> LyapunovSpectrum | Outcome:
+    """With `throw`, the spectrum behind an `eqx.error_if` (so a failure raises under
+    `jit` and `vmap` too); else an `Outcome`, NaN where the point failed so that a
+    batch keeps its good points."""
+    result = _result(spectrum)
+    if not throw:
+        return Outcome(value=mask_failed(spectrum, result == RESULTS.successful), result=result)
+    # on the whole tree, not only the exponents: a caller may use just the vectors
+    return eqx.error_if(
+        spectrum,
+        result != RESULTS.successful,
+        f"jaxflow.{name}: the path or the tangent frame became non-finite; check the "
+        "field/map for NaN or overflow, or shorten the step.",
+    )
 
 
 def lyapunov_spectrum_of_map(
     step: Callable[[Float[Array, " n"], Array], Float[Array, " n"]],
-    x0: Float[Array, " n"],
+    x0: Float[ArrayLike, " n"],
     num_steps: int,
     *,
     k: int | None = None,
-    transient: int = 0,
+    transient_steps: int = 0,
     key: PRNGKeyArray | None = None,
-    frame: Float[Array, "n k"] | None = None,
+    frame: Float[ArrayLike, "n k"] | None = None,
     save_stretch: bool = True,
-    covariant: int = 0,
-) -> LyapunovSpectrum:
+    covariant_steps: int = 0,
+    throw: bool = True,
+) -> LyapunovSpectrum | Outcome:
     """Finite-time Lyapunov exponents (per step) and vectors of a sequence of maps
     `x_{i+1} = step(x_i, i)` (paper 003 section 4: `dF_t E_t = E_{t+1} R_t`).
 
@@ -183,96 +276,79 @@ def lyapunov_spectrum_of_map(
     - `x0`: the start point `(n,)`.
     - `num_steps`: steps averaged over, after the transient.
     - `k`: how many exponents (`k` JVPs a step); default all `n`.
-    - `transient`: steps taken first to align the frame, not averaged
-      (indices `0 .. transient-1`; the averaged steps follow).
+    - `transient_steps`: steps taken first to align the frame, not averaged
+      (indices `0 .. transient_steps - 1`; the averaged steps follow).
     - `key` / `frame`: a random initial frame (from `key`) or a given `(n, k)` one;
       default the first `k` coordinate axes.
     - `save_stretch`: keep the per-step `log |diag R|` (`num_steps x k` numbers).
-    - `covariant`: if `> 0`, also the covariant (Ginelli) vectors at the state
-      `covariant` steps before the end, from a backward pass over the last
-      `covariant` steps (it stores their `k x k` `R` factors). Both passes need
-      time to converge: a `transient` before, and `covariant` long enough after.
+    - `covariant_steps`: if `> 0`, also the covariant (Ginelli) vectors at the
+      state `covariant_steps` steps before the end, from a backward pass over the
+      last `covariant_steps` averaged steps (it stores their `k x k` `R` factors).
+      Both passes need steps to converge: `transient_steps` before, and
+      `covariant_steps` long enough after.
+    - `throw`: `True` raises (also under `jit`/`vmap`) when the path, the frame or
+      the exponents become non-finite; `False` returns an `Outcome` instead.
 
-    **Returns:** a `LyapunovSpectrum`.
+    **Returns:** a `LyapunovSpectrum`; with `throw=False`, a `jf.Outcome` holding
+    it, with `result` `RESULTS.non_finite` where the path, the vectors or the
+    exponents are not finite (its arrays are then NaN) and `RESULTS.successful`
+    elsewhere, so that `jax.vmap` over starting points keeps the good ones.
     """
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 1:
-        raise ValueError(f"x0 must be one point of shape (n,), got {x0.shape}.")
+    throw = check_throw(throw)
+    x0 = _as_point(x0)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
-    if not isinstance(transient, int) or transient < 0:
-        raise ValueError(f"transient must be an int >= 0, got {transient!r}.")
-    _check_covariant(covariant, num_steps)
+    if not isinstance(transient_steps, int) or transient_steps < 0:
+        raise ValueError(f"transient_steps must be an int >= 0, got {transient_steps!r}.")
+    if not isinstance(covariant_steps, int) or not 0 <= covariant_steps < num_steps:
+        raise ValueError(
+            f"covariant_steps must be an int in [0, num_steps = {num_steps}) (steps of "
+            f"the backward pass, fewer than the averaged steps), got {covariant_steps!r}."
+        )
     n = x0.shape[0]
     k = _check_k(k, n)
     q = _initial_frame(n, k, x0.dtype, key, frame)
-    return _spectrum(
-        step,
-        x0,
-        q,
-        transient,
-        num_steps,
-        save_stretch,
-        covariant,
-        num_steps,
-        "lyapunov_spectrum_of_map",
+    schedule = _Schedule(
+        transient_steps=transient_steps,
+        averaged_steps=num_steps,
+        covariant_steps=covariant_steps,
+        averaged_span=num_steps,
     )
+    spectrum = _spectrum(step, x0, q, schedule=schedule, save_stretch=save_stretch)
+    return _raise_or_outcome(spectrum, "lyapunov_spectrum_of_map", throw)
 
 
-def lyapunov_spectrum(
-    f: Callable[[Float[Array, " n"], Array], Float[Array, " n"]],
-    x0: Float[Array, " n"],
-    t0: float,
-    t1: float,
-    *,
-    steps: int,
-    k: int | None = None,
-    transient: float = 0.0,
-    solver="tsit5",
-    key: PRNGKeyArray | None = None,
-    frame: Float[Array, "n k"] | None = None,
-    save_stretch: bool = True,
-    covariant: float = 0.0,
-) -> LyapunovSpectrum:
-    """Finite-time Lyapunov exponents (per unit time) and vectors of the flow of
-    `dx/dt = f(x, t)` over `[t0, t1]` (paper 003 section 4, appendix C).
-
-    The flow is discretised with `steps` equal steps of a diffrax Runge-Kutta
-    solver; each step is a map whose Jacobian is applied to the frame by JVPs
-    (the exact tangent dynamics of the discrete flow, so `sum(exponents) * (t1 -
-    t0)` is `log|det|` of the discrete map). `t1 < t0` runs backwards in time (the
-    generation direction of a PF-ODE).
-
-    **Arguments:**
-
-    - `f`: `f(x, t) -> dx/dt`, any vector field (autonomous or not).
-    - `x0`, `t0`, `t1`: start point and time span; `t1 != t0`.
-    - `steps`: integration steps over `[t0, t1]`.
-    - `k`, `key`, `frame`, `save_stretch`: as for `lyapunov_spectrum_of_map`.
-    - `transient`: the first stretch of the span, `[t0, t0 + transient]`, is
-      integrated to align the frame but not averaged; the exponents average over
-      the rest (rounded to whole steps).
-    - `covariant`: if `> 0`, also the covariant (Ginelli) vectors at time
-      `t1 - covariant` (towards `t0`), from a backward pass over the last stretch
-      `covariant` of the span (rounded to whole steps).
-    - `solver`: `'euler' | 'heun' | 'midpoint' | 'tsit5' | 'dopri5' | 'dopri8'` or a
-      diffrax Runge-Kutta solver, used with fixed steps.
-
-    **Returns:** a `LyapunovSpectrum`; `log_stretch` rows are per step, not per
-    unit time.
-    """
-    if t1 == t0:
-        raise ValueError("t1 equals t0: no time to average over.")
-    if not isinstance(steps, int) or steps < 1:
+def _flow_steps(t0: float, t1: float, steps: int | None, dt: float | None) -> int:
+    """The number of equal steps over `[t0, t1]` from `steps` or `dt` (at most one
+    given), `DEFAULT_FLOW_STEPS` from neither."""
+    if steps is not None and dt is not None:
+        raise ValueError(
+            f"give steps or dt, not both (got steps={steps!r}, dt={dt!r}): steps fixes "
+            "the number of equal steps over [t0, t1], dt their largest length."
+        )
+    if dt is not None:
+        if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+            raise ValueError(f"dt must be a positive float, got {dt!r}.")
+        if not (math.isfinite(dt) and dt > 0):
+            raise ValueError(f"dt must be a positive float, got {dt!r}.")
+        ratio = abs(t1 - t0) / dt
+        nearest = round(ratio)
+        # |t1 - t0| / dt is often a whole number up to rounding (1.1 / 0.1 is
+        # 11.000000000000002): take that number rather than a needless extra step
+        steps = nearest if abs(ratio - nearest) <= 1e-9 * ratio else math.ceil(ratio)
+        return max(steps, 1)
+    if steps is None:
+        return DEFAULT_FLOW_STEPS
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}.")
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 1:
-        raise ValueError(f"x0 must be one point of shape (n,), got {x0.shape}.")
-    span = t1 - t0
-    if not 0 <= transient < abs(span):
-        raise ValueError(f"transient must lie in [0, |t1 - t0| = {abs(span)}), got {transient}.")
-    dt = span / steps
-    n_transient = int(round(transient / abs(dt)))
+    return steps
+
+
+def _discrete_flow(
+    f, t0: float, t1: float, steps: int, solver
+) -> Callable[[Float[Array, " n"], Array], Float[Array, " n"]]:
+    """`step(y, i)`: step `i` of `steps` equal fixed steps of `solver` from `t0`
+    to `t1` for `dy/dt = f(y, t)`."""
     sol = get_solver(solver)
     if isinstance(sol, diffrax.AbstractRungeKutta) and sol.scan_kind is None:
         # diffrax's default stage loop is reverse-mode only; the frame needs JVPs.
@@ -292,29 +368,114 @@ def lyapunov_spectrum(
         y1, _, _, _, _ = sol.step(term, ta, tb, y, None, state, made_jump=False)
         return y1
 
-    n = x0.shape[0]
-    k = _check_k(k, n)
-    q = _initial_frame(n, k, x0.dtype, key, frame)
-    averaged = steps - n_transient
-    if covariant < 0:
-        raise ValueError(f"covariant must be >= 0, got {covariant}.")
-    n_covariant = int(round(covariant / abs(dt)))
-    _check_covariant(n_covariant, averaged)
-    return _spectrum(
-        step,
-        x0,
-        q,
-        n_transient,
-        averaged,
-        save_stretch,
-        n_covariant,
-        abs(averaged * dt),
-        "lyapunov_spectrum",
+    return step
+
+
+def _flow_schedule(
+    span: float, steps: int, transient_time: float, covariant_time: float
+) -> _Schedule:
+    """The `_Schedule` of a flow: the transient and covariant stretches of time
+    rounded to whole steps of length `|span| / steps`."""
+    if not 0 <= transient_time < abs(span):
+        raise ValueError(
+            f"transient_time must lie in [0, |t1 - t0| = {abs(span)}), got {transient_time}."
+        )
+    if covariant_time < 0:
+        raise ValueError(f"covariant_time must be >= 0, got {covariant_time}.")
+    h = span / steps
+    transient_steps = int(round(transient_time / abs(h)))
+    averaged_steps = steps - transient_steps
+    covariant_steps = int(round(covariant_time / abs(h)))
+    if averaged_steps < 1:
+        raise ValueError(
+            f"transient_time = {transient_time} rounds to all {steps} steps of "
+            f"length {abs(h)}: no step is left to average over; shorten it or take "
+            "more steps."
+        )
+    if not covariant_steps < averaged_steps:
+        raise ValueError(
+            f"covariant_time = {covariant_time} rounds to {covariant_steps} steps of "
+            f"length {abs(h)}; it must be shorter than the averaged stretch, "
+            f"{averaged_steps} steps (|t1 - t0| - transient_time)."
+        )
+    return _Schedule(
+        transient_steps=transient_steps,
+        averaged_steps=averaged_steps,
+        covariant_steps=covariant_steps,
+        averaged_span=abs(averaged_steps * h),
     )
 
 
+def lyapunov_spectrum(
+    f: Callable[[Float[Array, " n"], Array], Float[Array, " n"]],
+    x0: Float[ArrayLike, " n"],
+    t0: float,
+    t1: float,
+    *,
+    steps: int | None = None,
+    dt: float | None = None,
+    k: int | None = None,
+    transient_time: float = 0.0,
+    solver="tsit5",
+    key: PRNGKeyArray | None = None,
+    frame: Float[ArrayLike, "n k"] | None = None,
+    save_stretch: bool = True,
+    covariant_time: float = 0.0,
+    throw: bool = True,
+) -> LyapunovSpectrum | Outcome:
+    """Finite-time Lyapunov exponents (per unit time) and vectors of the flow of
+    `dx/dt = f(x, t)` over `[t0, t1]` (paper 003 section 4, appendix C).
+
+    The flow is discretised with equal fixed steps of a diffrax Runge-Kutta solver;
+    each step is a map whose Jacobian is applied to the frame by JVPs (the exact
+    tangent dynamics of the discrete flow, so `sum(exponents) * (t1 - t0)` is
+    `log|det|` of the discrete map). `t1 < t0` runs backwards in time (the
+    generation direction of a PF-ODE).
+
+    The exponents are those of the discretised flow, and converge to the flow's as
+    the step shrinks (at the solver's order). To choose the step, compute the
+    spectrum with two step counts (say `steps` and `2 * steps`) and keep the finer
+    once they agree to the accuracy you need.
+
+    **Arguments:**
+
+    - `f`: `f(x, t) -> dx/dt`, any vector field (autonomous or not).
+    - `x0`, `t0`, `t1`: start point and time span; `t1 != t0`.
+    - `steps`: the number of equal integration steps over `[t0, t1]`.
+    - `dt`: or the largest step length instead: `ceil(|t1 - t0| / dt)` equal steps
+      (a ratio within rounding of a whole number counts as that number). Give at
+      most one of `steps` and `dt`; with neither, `1000` equal steps.
+    - `k`, `key`, `frame`, `save_stretch`: as for `lyapunov_spectrum_of_map`.
+    - `transient_time`: the first stretch of the span, `[t0, t0 + transient_time]`
+      (towards `t1`), is integrated to align the frame but not averaged; the
+      exponents average over the rest (rounded to whole steps).
+    - `covariant_time`: if `> 0`, also the covariant (Ginelli) vectors at time
+      `t1 - covariant_time` (towards `t0`), from a backward pass over the last
+      stretch `covariant_time` of the span (rounded to whole steps).
+    - `solver`: `'euler' | 'heun' | 'midpoint' | 'tsit5' | 'dopri5' | 'dopri8'` or a
+      diffrax Runge-Kutta solver, used with fixed steps.
+    - `throw`: as for `lyapunov_spectrum_of_map`.
+
+    **Returns:** a `LyapunovSpectrum` (`log_stretch` rows are per step, not per
+    unit time); with `throw=False`, a `jf.Outcome` holding it, as for
+    `lyapunov_spectrum_of_map`.
+    """
+    throw = check_throw(throw)
+    if t1 == t0:
+        raise ValueError("t1 equals t0: no time to average over.")
+    steps = _flow_steps(t0, t1, steps, dt)
+    x0 = _as_point(x0)
+    schedule = _flow_schedule(t1 - t0, steps, transient_time, covariant_time)
+    step = _discrete_flow(f, t0, t1, steps, solver)
+    n = x0.shape[0]
+    k = _check_k(k, n)
+    q = _initial_frame(n, k, x0.dtype, key, frame)
+    spectrum = _spectrum(step, x0, q, schedule=schedule, save_stretch=save_stretch)
+    return _raise_or_outcome(spectrum, "lyapunov_spectrum", throw)
+
+
 def alignment(
-    score: Float[Array, "*batch n"], vectors: Float[Array, "*batch n k"]
+    score: Float[ArrayLike, "*batch n"], vectors: Float[ArrayLike, "*batch n k"]
 ) -> Float[Array, "*batch k"]:
     """`|<s / |s|, q_i>|` for each column `q_i` of `vectors` (paper 003 Def. 4.2):
     near 0 when the Lyapunov vectors are tangent to the support, where the score

@@ -16,13 +16,15 @@ import jaxflow as jf
 @jax.jit
 def _linear_flow(a, x0):
     return jf.lyapunov_spectrum(
-        lambda x, t: a @ x, x0, 0.0, 60.0, steps=3000, transient=10.0, covariant=30.0
+        lambda x, t: a @ x, x0, 0.0, 60.0, steps=3000, transient_time=10.0, covariant_time=30.0
     )
 
 
 @jax.jit
 def _linear_map(m, x0):
-    return jf.lyapunov_spectrum_of_map(lambda x, i: m @ x, x0, 3000, transient=100, covariant=200)
+    return jf.lyapunov_spectrum_of_map(
+        lambda x, i: m @ x, x0, 3000, transient_steps=100, covariant_steps=200
+    )
 
 
 def _assert_columns_parallel(v, w, tol):
@@ -63,7 +65,7 @@ def test_henon_map_matches_reference_values():
     def henon(x, i):
         return jnp.array([1 - 1.4 * x[0] ** 2 + x[1], 0.3 * x[0]])
 
-    r = jax.jit(lambda x0: jf.lyapunov_spectrum_of_map(henon, x0, 100_000, transient=1000))(
+    r = jax.jit(lambda x0: jf.lyapunov_spectrum_of_map(henon, x0, 100_000, transient_steps=1000))(
         jnp.array([0.1, 0.1])
     )
     np.testing.assert_allclose(r.exponents, [0.41922, -1.62319], atol=5e-3)
@@ -90,9 +92,9 @@ def test_lorenz_flow_matches_reference_values():
             0.0,
             1010.0,
             steps=101_000,
-            transient=10.0,
+            transient_time=10.0,
             save_stretch=False,
-            covariant=20.0,
+            covariant_time=20.0,
         )
     )(jnp.array([1.0, 1.0, 1.0]))
     np.testing.assert_allclose(r.exponents, [0.9056, 0.0, -14.5723], atol=0.02)
@@ -141,8 +143,8 @@ def test_top_k_uses_k_directions_and_agrees_with_the_full_spectrum():
     def henon(x, i):
         return jnp.array([1 - 1.4 * x[0] ** 2 + x[1], 0.3 * x[0]])
 
-    full = jf.lyapunov_spectrum_of_map(henon, jnp.array([0.1, 0.1]), 5000, transient=100)
-    top = jf.lyapunov_spectrum_of_map(henon, jnp.array([0.1, 0.1]), 5000, k=1, transient=100)
+    full = jf.lyapunov_spectrum_of_map(henon, jnp.array([0.1, 0.1]), 5000, transient_steps=100)
+    top = jf.lyapunov_spectrum_of_map(henon, jnp.array([0.1, 0.1]), 5000, k=1, transient_steps=100)
     assert top.vectors.shape == (2, 1) and top.exponents.shape == (1,)
     np.testing.assert_allclose(top.exponents[0], full.exponents[0], rtol=1e-10)
     np.testing.assert_allclose(abs(top.vectors[:, 0] @ full.vectors[:, 0]), 1.0, rtol=1e-10)
@@ -174,19 +176,125 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="t1 equals t0"):
         jf.lyapunov_spectrum(f, x0, 1.0, 1.0, steps=10)
     with pytest.raises(ValueError, match="transient"):
-        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, transient=1.0)
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, transient_time=1.0)
     with pytest.raises(ValueError, match="num_steps"):
         jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 0)
     with pytest.raises(ValueError, match="frame"):
         jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, k=2, frame=jnp.ones((3, 3)))
     with pytest.raises(ValueError, match="covariant"):
-        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, covariant=5)
+        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, covariant_steps=5)
     with pytest.raises(ValueError, match="covariant"):
-        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, covariant=-0.1)
-    with pytest.raises(ValueError, match="column axis"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, covariant_time=-0.1)
+    # the ValueError users see; under the test run's jaxtyping checks (pyproject
+    # addopts) the annotation `*batch n k` refuses the shapes first, a TypeError
+    with pytest.raises((ValueError, TypeError), match="column axis|vectors"):
         jf.alignment(jnp.ones(3), jnp.ones((4, 2)))
     with pytest.raises(eqx.EquinoxRuntimeError, match="non-finite"):
         jf.lyapunov_spectrum(lambda x, t: x / (x - x), x0, 0.0, 1.0, steps=10)
+
+
+def test_bad_schedule_and_old_keywords_raise():
+    """Each keyword says its unit; the old unit-less ones are gone, and `steps` and
+    `dt` exclude each other."""
+    f = lambda x, t: -x  # noqa: E731
+    x0 = jnp.ones(3)
+    with pytest.raises(TypeError, match="transient"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, transient=0.5)
+    with pytest.raises(TypeError, match="covariant"):
+        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, covariant=1)
+    with pytest.raises(ValueError, match="steps.*dt"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, dt=0.1)
+    with pytest.raises(ValueError, match="dt must"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, dt=-0.1)
+    with pytest.raises(ValueError, match="steps must"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=0)
+    with pytest.raises(ValueError, match="transient_steps"):
+        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, transient_steps=-1)
+    with pytest.raises(ValueError, match="covariant_time"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, covariant_time=1.0)
+    with pytest.raises(ValueError, match="no step is left"):
+        jf.lyapunov_spectrum(f, x0, 0.0, 1.0, steps=10, transient_time=0.99)
+    # check_throw's ValueError, or the annotation's TypeError under jaxtyping checks
+    with pytest.raises((ValueError, TypeError), match="throw"):
+        jf.lyapunov_spectrum_of_map(lambda x, i: x, x0, 5, throw=None)
+
+
+def test_dt_and_the_default_give_equal_steps():
+    """`dt` gives `ceil(|t1 - t0| / dt)` equal steps (a whole ratio up to rounding
+    counts as whole); neither `steps` nor `dt` gives 1000."""
+    a = jnp.array([[-1.0, 2.0], [0.0, -0.5]])
+    f = lambda x, t: a @ x  # noqa: E731
+    x0 = jnp.array([1.0, 1.0])
+    run = lambda t1, **kw: jf.lyapunov_spectrum(f, x0, 0.0, t1, solver="euler", **kw)  # noqa: E731
+    by_dt, by_steps = run(1.0, dt=0.01), run(1.0, steps=100)
+    assert by_dt.log_stretch.shape == (100, 2)
+    np.testing.assert_array_equal(by_dt.exponents, by_steps.exponents)
+    assert run(1.1, dt=0.1).log_stretch.shape[0] == 11  # 1.1 / 0.1 = 11.000000000000002
+    assert run(1.0, dt=0.3).log_stretch.shape[0] == 4  # steps of 0.25 <= dt
+    default = run(-1.0)
+    assert default.log_stretch.shape[0] == 1000
+    np.testing.assert_array_equal(default.exponents, run(-1.0, steps=1000).exponents)
+
+
+def _henon(x, i):
+    return jnp.array([1 - 1.4 * x[0] ** 2 + x[1], 0.3 * x[0]])
+
+
+# two starts on the attractor's basin, one far outside (|x| -> inf, then NaN in
+# a few steps), one NaN
+_HENON_STARTS = jnp.array([[0.1, 0.1], [0.0, 0.2], [5.0, 5.0], [jnp.nan, 0.0]])
+
+
+def test_throw_false_keeps_the_good_points_of_a_batch():
+    """With `throw=False` a vmapped batch returns each point's spectrum and result:
+    the good points exactly as alone, the diverging and the NaN start NaN and
+    `non_finite`; with `throw=True` the same batch raises."""
+
+    def of_map(x0, throw):
+        return jf.lyapunov_spectrum_of_map(
+            _henon, x0, 500, transient_steps=20, covariant_steps=50, throw=throw
+        )
+
+    out = jax.jit(jax.vmap(lambda x0: of_map(x0, False)))(_HENON_STARTS)
+    assert isinstance(out, jf.Outcome)
+    np.testing.assert_array_equal(out.ok, [True, True, False, False])
+    assert np.all(np.asarray(out.result == jf.RESULTS.non_finite) == [False, False, True, True])
+    for i in (0, 1):
+        alone = of_map(_HENON_STARTS[i], True)
+        # equal up to rounding: batched linear algebra may round differently
+        np.testing.assert_allclose(out.value.exponents[i], alone.exponents, rtol=1e-12)
+        np.testing.assert_allclose(
+            out.value.covariant_vectors[i], alone.covariant_vectors, rtol=1e-12
+        )
+        assert np.all(np.isfinite(out.value.exponents[i]))
+    for leaf in (
+        out.value.exponents,
+        out.value.vectors,
+        out.value.final_state,
+        out.value.log_stretch,
+        out.value.covariant_vectors,
+        out.value.covariant_state,
+    ):
+        assert np.all(np.isnan(leaf[2:]))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="non-finite"):
+        eqx.filter_jit(jax.vmap(lambda x0: of_map(x0, True)))(_HENON_STARTS)
+
+    # a flow that blows up in finite time from x0 > 0 (at t = 1 / x0), and not from
+    # x0 < 0
+    def of_flow(x0, throw):
+        return jf.lyapunov_spectrum(
+            lambda x, t: x**2, x0, 0.0, 1.0, steps=200, save_stretch=False, throw=throw
+        )
+
+    starts = jnp.array([[-1.0], [10.0]])
+    out = jax.vmap(lambda x0: of_flow(x0, False))(starts)
+    np.testing.assert_array_equal(out.ok, [True, False])
+    np.testing.assert_array_equal(out.result == jf.RESULTS.non_finite, [False, True])
+    # x(t) = -1 / (1 + t): the exponent is the mean of 2 x(t) over [0, 1], -2 log 2
+    np.testing.assert_allclose(out.value.exponents[0], [-2 * np.log(2)], rtol=1e-6)
+    assert np.isnan(out.value.exponents[1, 0]) and np.isnan(out.value.final_state[1, 0])
+    with pytest.raises(eqx.EquinoxRuntimeError, match="non-finite"):
+        jax.vmap(lambda x0: of_flow(x0, True))(starts)
 
 
 def test_top_vector_on_the_fig3_ridge_is_the_top_singular_vector():
