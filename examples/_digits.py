@@ -73,7 +73,7 @@ def digits_field(args):
         checkpoint_dir=cache,
         checkpoint_every=1000,
         config=dict(model="digits", channels=args.channels),
-        progress=not args.quick,
+        progress=not args.quiet,
     )
     info = dict(
         train_seconds=time.perf_counter() - start,

@@ -29,7 +29,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
@@ -117,7 +117,7 @@ def main(argv=None):
 
     z, m2, lip = (np.asarray(a) for a in jf.batch_map(per_point, x))
     by_h = []
-    for s in steps:
+    for s in progress(steps, desc="Euler step counts", quiet=args.quiet):
         h = 1.0 / s
         e_inv, c, precise, euler_both = (
             np.asarray(a) for a in jax.jit(jax.vmap(lambda x, z, s=s: per_step(x, z, s)))(x, z)

@@ -32,7 +32,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
 from jaxflow.data import sparse_neighbours, tiling_neighbours  # noqa: E402
@@ -134,7 +134,7 @@ def main(argv=None):
     M = jnp.asarray(Ms)
     key = jax.random.PRNGKey(args.seed)
     rows = []
-    for n in dims:
+    for n in progress(dims, desc="dimensions", quiet=args.quiet):
         law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
         field = jf.AnalyticField(law, jf.RectifiedFlow())
         x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)
@@ -176,7 +176,7 @@ def main(argv=None):
 
     # The change of variables against two other routes at small n.
     dense_rows = []
-    for n in dense_dims:
+    for n in progress(dense_dims, desc="route check", quiet=args.quiet):
         law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
         field = jf.AnalyticField(law, jf.RectifiedFlow())
         x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)[:4]
@@ -235,7 +235,7 @@ def main(argv=None):
 
     # Control: cubes tiling [0,1]^n, where delta is small and the bound bites.
     control = []
-    for n, k in tiling:
+    for n, k in progress(tiling, desc="control", quiet=args.quiet):
         field = jf.AnalyticField(tiling_neighbours(n, k), jf.RectifiedFlow())
         x = jax.random.uniform(jax.random.fold_in(key, 1000 + n), (tiling_samples, n), jnp.float64)
         r = _probability(field, x, M, 1e-6, args.max_steps)

@@ -47,7 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import Record, final_loss, parser  # noqa: E402
+from _common import Record, final_loss, parser, progress  # noqa: E402
 from _moons import (  # noqa: E402
     distance_to_nodes,
     draw_moons,
@@ -121,7 +121,7 @@ def train_model(name, spec, data, args, width, depth):
         checkpoint_dir=cache,
         checkpoint_every=args.train_steps,
         config=dict(model=name, source=tag, **spec),
-        progress=not args.quick,
+        progress=not args.quiet,
     )
     if source is not None:
         return jf.InterpolantField(result.ema, path), result
@@ -188,7 +188,7 @@ def main(argv=None):
     z_key = jax.random.PRNGKey(args.seed + 3)
     results = dict(per_model={})
     generated = {}
-    for name, spec in MODELS.items():
+    for name, spec in progress(MODELS.items(), desc="models", quiet=args.quiet):
         field, trained = train_model(name, spec, data, args, width, depth)
         path = field.path
         t_start = T_START[spec["path"]]

@@ -3,7 +3,7 @@ Lyapunov vectors at the generated samples, and their alignment with the support.
 
 The target is the arc-length measure on the two moons (upper: (cos u, sin u),
 lower: (1 - cos u, 1/2 - sin u), u in [0, pi]), represented by an `Empirical` law
-on equally spaced quadrature nodes (paper 003 appendix G.2; DESIGN §3), under the
+on equally spaced quadrature nodes (paper 003 appendix G.2; docs/mathematics.md §3), under the
 cosine path. Samples come from Euler-Maruyama on the reverse SDE (appendix G.1,
 in jaxflow's convention, see below). Along each sample path, with its noise
 frozen, the one-step maps are differentiated and a QR-propagated frame gives the

@@ -31,7 +31,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
 from _moons import (  # noqa: E402
     LIMITS,
     distance_to_nodes,
@@ -151,7 +151,9 @@ def main(argv=None):
                 )
             )
             rows = []
-            for eps in eps_list:
+            for eps in progress(
+                eps_list, desc=f"{sampler} {name}: error sizes", quiet=args.quiet, leave=False
+            ):
                 x = np.asarray(run(z, noise, eps))
                 if eps == 0.0:
                     base[sampler] = x

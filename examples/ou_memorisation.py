@@ -32,7 +32,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
 
@@ -106,7 +106,7 @@ def euler_maruyama_law(T, s, steps, start, x0):
     return mean, var
 
 
-def dirac_part(key, samples, em_steps, ddpm_steps):
+def dirac_part(key, samples, em_steps, ddpm_steps, quiet=False):
     T, x0, start = DIRAC["T"], jnp.asarray(DIRAC["x0"]), jnp.asarray(DIRAC["start"])
     field = jf.AnalyticField(jf.Empirical(x0[None]), jf.OrnsteinUhlenbeck(T))
     k_em, k_dd = jax.random.split(key)
@@ -129,7 +129,9 @@ def dirac_part(key, samples, em_steps, ddpm_steps):
         )
     )
     rows = []
-    for i, s in enumerate(S_VALUES):
+    for i, s in progress(
+        enumerate(S_VALUES), total=len(S_VALUES), desc="Theorem 2: times s", quiet=quiet
+    ):
         # fresh paths at each s, so that the tests at different s are independent
         fresh = jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))
         em, dd = em_run(fresh(keys_em), T - s), dd_run(fresh(keys_dd), T - s)
@@ -192,7 +194,7 @@ def reverse_paths(field, z, key, grid, sampler):
     return x, xs
 
 
-def memorisation_part(key, samples, sizes, step_counts, record_paths_n):
+def memorisation_part(key, samples, sizes, step_counts, record_paths_n, quiet=False):
     kp, kz, kn = jax.random.split(key, 3)
     path = jf.OrnsteinUhlenbeck()
     sigma_min = float(path.sigma(T_MIN))
@@ -226,7 +228,9 @@ def memorisation_part(key, samples, sizes, step_counts, record_paths_n):
                 )
             )
             rows = []
-            for k in step_counts:
+            for k in progress(
+                step_counts, desc=f"N = {n_points} {sampler}: step counts", quiet=quiet, leave=False
+            ):
                 x, xs = run(z, keys, padded_grid(path.t_noise, k, max(step_counts)))
                 xs = xs[:, :k]
                 x = np.asarray(x)
@@ -292,8 +296,10 @@ def main(argv=None):
     k1, k2 = jax.random.split(jax.random.PRNGKey(args.seed))
     results = dict(prop_4_3_max_relative_gap=prop_4_3_check())
     print(f"Prop. 4.3: eq. 4.23-4.24 equal eq. 4.21 to {results['prop_4_3_max_relative_gap']:.1e}")
-    results["theorem_2"] = dirac_part(k1, dirac_samples, 300, 7)
-    results["memorisation"], traj = memorisation_part(k2, samples, sizes, step_counts, sizes[0])
+    results["theorem_2"] = dirac_part(k1, dirac_samples, 300, 7, quiet=args.quiet)
+    results["memorisation"], traj = memorisation_part(
+        k2, samples, sizes, step_counts, sizes[0], quiet=args.quiet
+    )
     plot(rec, results, traj)
     out = rec.write(results)
     print(f"wrote {rec.png_path()} and {out} in {rec.data['wall_time_s']:.1f} s")

@@ -26,7 +26,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import Record, parser  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
 from _stats import binned_median, correlations  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
@@ -75,7 +75,7 @@ def main(argv=None):
         return jf.generate(field, z, **ACCURATE)
 
     per_solver = {}
-    for solver in SOLVERS:
+    for solver in progress(SOLVERS, desc="solvers", quiet=args.quiet):
         kw = dict(solver=solver, steps=args.steps)
 
         def one(x, n, kw=kw):
