@@ -5,7 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PATHS
+from helpers import (
+    PATHS,
+    make_mixture,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +18,7 @@ import jaxflow as jf
 @settings(max_examples=30, deadline=None)
 @given(t=st.floats(1e-3, 8.0), frac=st.floats(1e-4, 1.0))
 def test_ou_step_is_eq_4_21_and_eq_4_23(t, frac):
-    """Eq. 4.23-4.24 (DESIGN §5) and the sinh form eq. 4.21 are the same step."""
+    """Eq. 4.23-4.24 (docs/mathematics.md §5) and the sinh form eq. 4.21 are the same step."""
     h = frac * t
     tn = t - h
     c_x, c_0, var = jf.ddpm_coefficients(jf.OrnsteinUhlenbeck(10.0), t, tn)
@@ -131,3 +134,38 @@ def test_bad_input_raises():
         jf.sample_ddpm(field, jnp.zeros(2), jax.random.PRNGKey(0), steps=0)
     with pytest.raises(ValueError, match="one point"):
         jf.sample_ddpm(field, jnp.zeros((3, 2)), jax.random.PRNGKey(0))
+
+
+def test_reverse_sde_matches_gaussian_law():
+    rng = np.random.default_rng(5)
+    law = make_mixture(rng, 2, 1, "full")
+    field = jf.AnalyticField(law, jf.OrnsteinUhlenbeck(5.0))
+    keys = jax.random.split(jax.random.PRNGKey(3), 4000)
+    zs = jax.random.normal(jax.random.PRNGKey(4), (4000, 2))
+    xs = jax.jit(jax.vmap(lambda z, k: jf.sample_sde(field, z, k, steps=400)))(zs, keys)
+    cov = law.covariances[0]
+    stderr = np.sqrt(np.diag(cov) / len(xs))
+    assert np.all(np.abs(np.asarray(xs.mean(0) - law.means[0])) < 5 * stderr + 0.01)
+    np.testing.assert_allclose(np.cov(np.asarray(xs).T), cov, atol=0.1 * np.max(np.abs(cov)) + 0.02)
+    again = jf.sample_sde(field, zs[0], keys[0], steps=400)
+    np.testing.assert_array_equal(again, jf.sample_sde(field, zs[0], keys[0], steps=400))
+
+
+def test_reverse_sde_step_chain_reaches_the_gaussian_law():
+    """Walking `reverse_sde_step` by hand (as the Lyapunov examples do) samples the
+    data law: moments of a 1-D Gaussian on the OU path."""
+    law = jf.Gaussian(jnp.array([0.7]), jnp.array([[0.25]]))
+    field = jf.AnalyticField(law, jf.OrnsteinUhlenbeck(5.0))
+    steps, h = 500, (5.0 - 1e-3) / 500
+    noise = jax.random.normal(jax.random.PRNGKey(1), (steps, 4000, 1))
+
+    def body(x, i):
+        t = 5.0 - i * h
+        step = jax.vmap(lambda xi, ni: jf.reverse_sde_step(field, xi, t, h, ni))
+        return step(x, noise[i]), None
+
+    z = jax.random.normal(jax.random.PRNGKey(2), (4000, 1))
+    x, _ = jax.lax.scan(body, z, jnp.arange(steps))
+    stderr = np.sqrt(0.25 / 4000)
+    assert abs(float(x.mean()) - 0.7) < 5 * stderr + 0.01
+    assert abs(float(x.var()) - 0.25) < 0.03

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SOLVE, fit_slope, make_mixture
+from helpers import SOLVE, fit_slope, generate_jit, jacobian_of_generation, make_mixture, random_spd
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxflow as jf
 
@@ -110,36 +112,6 @@ def test_one_hard_point_fails_the_batch_loudly():
         jax.vmap(lambda z: jf.generate(field, z))(zs)
 
 
-def test_reverse_sde_matches_gaussian_law():
-    rng = np.random.default_rng(5)
-    law = make_mixture(rng, 2, 1, "full")
-    field = jf.AnalyticField(law, jf.OrnsteinUhlenbeck(5.0))
-    keys = jax.random.split(jax.random.PRNGKey(3), 4000)
-    zs = jax.random.normal(jax.random.PRNGKey(4), (4000, 2))
-    xs = jax.jit(jax.vmap(lambda z, k: jf.sample_sde(field, z, k, steps=400)))(zs, keys)
-    cov = law.covariances[0]
-    stderr = np.sqrt(np.diag(cov) / len(xs))
-    assert np.all(np.abs(np.asarray(xs.mean(0) - law.means[0])) < 5 * stderr + 0.01)
-    np.testing.assert_allclose(np.cov(np.asarray(xs).T), cov, atol=0.1 * np.max(np.abs(cov)) + 0.02)
-    again = jf.sample_sde(field, zs[0], keys[0], steps=400)
-    np.testing.assert_array_equal(again, jf.sample_sde(field, zs[0], keys[0], steps=400))
-
-
-def test_batch_map_equals_vmap_with_partial_chunk():
-    field = _toy_field()
-    zs = jax.random.normal(jax.random.PRNGKey(2), (37, 2))
-
-    def fn(z):
-        return jf.generate_with_jacobian(field, z, rtol=1e-8, atol=1e-8)
-
-    a = jax.jit(lambda zs: jf.batch_map(fn, zs, batch_size=8))(zs)
-    b = jax.jit(jax.vmap(fn))(zs)
-    for u, v in zip(a, b, strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="batch_size"):
-        jf.batch_map(fn, zs, batch_size=0)
-
-
 def test_variational_jacobian_equals_jacfwd_through_the_solver():
     field = jf.AnalyticField(make_mixture(np.random.default_rng(6), 3, 3, "full"), jf.Cosine())
     z = jnp.array([0.4, -1.1, 0.3])
@@ -175,3 +147,58 @@ def test_a_time_grid_is_walked_backwards_by_generate_and_forwards_by_invert():
         jf.generate(field, z, solver="euler", times=times, steps=4)
     with pytest.raises(ValueError, match="outside the path's range"):
         jf.invert(field, z, solver="euler", times=np.array([0.0, 1.0, 4.0]))
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), cond=st.floats(1.0, 50.0))
+def test_gaussian_generation_map_is_affine(n, seed, cond):
+    rng = np.random.default_rng(seed)
+    cov = random_spd(rng, n, cond)
+    law = jf.Gaussian(rng.uniform(-2, 2, n), cov)
+    field = jf.AnalyticField(law, jf.RectifiedFlow())
+    z = jnp.asarray(rng.standard_normal(n))
+    root = law.sqrt_covariance()
+    np.testing.assert_allclose(root @ root, cov, rtol=1e-10, atol=1e-12)
+    x = generate_jit(field, z, **SOLVE)
+    np.testing.assert_allclose(x, law.mean + root @ z, rtol=1e-7, atol=1e-7)
+    jac = jacobian_of_generation(field, z)
+    np.testing.assert_allclose(jac, root, rtol=1e-6, atol=1e-7)
+    gm = np.exp(np.linalg.slogdet(jac)[1] / n)
+    np.testing.assert_allclose(gm, np.linalg.det(cov) ** (1 / (2 * n)), rtol=1e-6)
+    s = np.linalg.svd(jac, compute_uv=False)
+    np.testing.assert_allclose(np.sort(s), np.sort(np.sqrt(np.linalg.eigvalsh(cov))), rtol=1e-6)
+
+
+def test_public_singular_value_functions_on_gaussian():
+    rng = np.random.default_rng(3)
+    cov = random_spd(rng, 4, 20.0)
+    law = jf.Gaussian(np.zeros(4), cov)
+    field = jf.AnalyticField(law, jf.RectifiedFlow())
+    z = jnp.asarray(rng.standard_normal(4))
+
+    def gen(y):
+        return jf.generate(field, y, **SOLVE)
+
+    np.testing.assert_allclose(
+        jf.singular_values(gen, z), np.sqrt(np.linalg.eigvalsh(cov))[::-1], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jf.geometric_mean_singular_value(gen, z), np.linalg.det(cov) ** (1 / 8), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jf.log_abs_det_jacobian(gen, z), 0.5 * np.linalg.slogdet(cov)[1], rtol=1e-6
+    )
+    x, jac = jf.generate_with_jacobian(field, z, **SOLVE)
+    np.testing.assert_allclose(jac, law.sqrt_covariance(), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(x, law.sqrt_covariance() @ z, rtol=1e-7, atol=1e-8)
+
+
+def test_generate_then_invert_is_identity_on_every_path():
+    rng = np.random.default_rng(4)
+    law = jf.Gaussian(rng.uniform(-1, 1, 3), random_spd(rng, 3))
+    z = jnp.asarray(rng.standard_normal(3))
+    for path in (jf.RectifiedFlow(), jf.OrnsteinUhlenbeck(5.0), jf.Cosine()):
+        field = jf.AnalyticField(law, path)
+        np.testing.assert_allclose(
+            jf.invert(field, jf.generate(field, z, **SOLVE), **SOLVE), z, rtol=1e-7, atol=1e-7
+        )
