@@ -58,6 +58,7 @@ from ._solve import invert as invert
 from ._solve import reconstruct as reconstruct
 from ._solve import reconstruction_error as reconstruction_error
 from ._train import TrainResult as TrainResult
+from ._train import TrainState as TrainState
 from ._train import load_checkpoint as load_checkpoint
 from ._train import train as train
 

@@ -3,16 +3,16 @@
 from collections.abc import Callable
 
 import jax
-from jaxtyping import Array, PyTree
+from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import check_positive_int
 
 
-def batch_map(fn: Callable, xs: PyTree[Array], *, batch_size: int = 256) -> PyTree[Array]:
+def batch_map(fn: Callable, xs: PyTree[ArrayLike], *, batch_size: int = 256) -> PyTree[Array]:
     """`jax.vmap(fn)(xs)` computed in chunks of `batch_size` points.
 
     A vmapped adaptive solve runs every lane until the slowest lane finishes
-    (DESIGN §7: on the paper 000 Fig. 3 grid the median point needs 18 steps, the
+    (docs/mathematics.md §7: on the paper 000 Fig. 3 grid the median point needs 18 steps, the
     worst 45). Chunking keeps a hard point from stalling the whole batch: each
     chunk is one `vmap`, the chunks run in a `lax.map` (no Python loop). On that
     grid (2 cores, float64) this is about 2.7x faster than one `vmap` over 40,401 points

@@ -1,7 +1,7 @@
 """Fields: a law (or a network) on a Gaussian path -> denoiser, noise, score, velocity.
 
 Every field gives `denoise_and_score(x, t)` and `velocity_and_score(x, t)`; the
-rest follow from the DESIGN §2 identities, written so that they stay finite at
+rest follow from the docs/mathematics.md §2 identities, written so that they stay finite at
 both ends of the path wherever the mathematics is (a closed-form law derives `v`
 from its finite score; a network predicting noise or velocity derives it from
 `Zhat`, since its score is singular where `sigma = 0`):
@@ -16,7 +16,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from ._laws import AbstractLaw
 from ._misc import check_time_in_range
@@ -24,7 +24,7 @@ from ._paths import AbstractPath
 
 
 def velocity_from_posterior(path: AbstractPath, d, s, x, t):
-    """`v = alpha' D - sigma sigma' s` (DESIGN §2), finite wherever `s` is."""
+    """`v = alpha' D - sigma sigma' s` (docs/mathematics.md §2), finite wherever `s` is."""
     # Path coefficients follow the time's dtype; keep the state's (float32 stays float32).
     da = path.d_alpha(t).astype(x.dtype)
     ssd = path.sigma_d_sigma(t).astype(x.dtype)
@@ -57,18 +57,18 @@ class AbstractVelocityField(eqx.Module):
 
     @abc.abstractmethod
     def velocity_unchecked(
-        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+        self, x: Float[Array, " n"], t: Real[ArrayLike, ""]
     ) -> Float[Array, " n"]:
         """`v(x, t)` without the input checks."""
 
-    def velocity(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def velocity(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
         return self.velocity_unchecked(_check_time(self.path, x, t), t)
 
     def divergence(
         self,
         x: Float[Array, " n"],
-        t: Float[ArrayLike, ""],
+        t: Real[ArrayLike, ""],
         key: PRNGKeyArray | None = None,
         method: str = "auto",
     ) -> Float[Array, ""]:
@@ -97,7 +97,7 @@ class AbstractField(AbstractVelocityField):
 
     @abc.abstractmethod
     def denoise_and_score(
-        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+        self, x: Float[Array, " n"], t: Real[ArrayLike, ""]
     ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
         """`(D(x, t), s(x, t))`: the posterior mean of the data and the score."""
 
@@ -110,26 +110,27 @@ class AbstractField(AbstractVelocityField):
 
     @abc.abstractmethod
     def velocity_and_score(
-        self, x: Float[Array, " n"], t: Float[ArrayLike, ""]
+        self, x: Float[Array, " n"], t: Real[ArrayLike, ""]
     ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
         """`(v(x, t), s(x, t))`, unchecked: the solvers' inner loop. A field whose
         score is singular where its velocity is not (a learned field at `sigma =
         0`) computes `v` without going through `s`."""
 
-    def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def denoise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Denoiser `D(x, t) = E[X | X_t = x]`."""
         return self.denoise_and_score(_check_time(self.path, x, t), t)[0]
 
-    def score(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def score(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Score `s(x, t) = grad log p_t(x)`."""
         return self.denoise_and_score(_check_time(self.path, x, t), t)[1]
 
-    def noise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def noise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Noise prediction `Zhat(x, t) = E[Z | X_t = x] = -sigma(t) s(x, t)`."""
         return -self.path.sigma(t) * self.score(x, t)
 
-    def reverse_drift(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
-        """Reverse-SDE drift `v - (g^2 / 2) s = f x - g^2 s` (DESIGN §2), in forward time.
+    def reverse_drift(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
+        """Reverse-SDE drift `v - (g^2 / 2) s = f x - g^2 s` (docs/mathematics.md §2),
+        in forward time.
 
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
         """
@@ -188,6 +189,12 @@ class AnalyticField(AbstractField):
     law: AbstractLaw
     path: AbstractPath
 
+    def __init__(self, law, path):
+        # unannotated so that `__check_init__`'s error, which names the fix, is the
+        # one a wrong argument meets (also under a runtime type checker)
+        self.law = law
+        self.path = path
+
     def __check_init__(self):
         if not isinstance(self.law, AbstractLaw):
             raise ValueError(f"AnalyticField needs an AbstractLaw, got {type(self.law).__name__}.")
@@ -210,7 +217,7 @@ class AnalyticField(AbstractField):
         d, s = self.denoise_and_score(x, t)
         return velocity_from_posterior(self.path, d, s, x, t), s
 
-    def log_prob(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def log_prob(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, ""]:
         """The marginal `log p_t(x)` of `X_t` (closed form)."""
         x = _check_time(self.path, x, t)
         return self.law.marginal_log_prob(x, self.path.alpha(t), self.path.sigma(t))

@@ -10,12 +10,12 @@ a point whose solve fails gives NaN (its tangent too) instead of an error.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AnalyticField
 from ._results import Outcome
@@ -33,23 +33,23 @@ def _check_point(name, x):
     return x
 
 
-def jacobian(fn: Map, x: Float[Array, " n"]) -> Float[Array, "n n"]:
+def jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, "n n"]:
     """Dense Jacobian `J_F(x)` by forward mode (`jax.jacfwd`: n JVPs)."""
     x = _check_point("jacobian", x)
     return jax.jacfwd(fn)(x)
 
 
-def singular_values(fn: Map, x: Float[Array, " n"]) -> Float[Array, " n"]:
+def singular_values(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, " n"]:
     """Singular values of `J_F(x)`, descending."""
     return jnp.linalg.svd(jacobian(fn, x), compute_uv=False)
 
 
-def log_abs_det_jacobian(fn: Map, x: Float[Array, " n"]) -> Float[Array, ""]:
+def log_abs_det_jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
     """`log |det J_F(x)|` from the dense Jacobian (LU, `slogdet`)."""
     return jnp.linalg.slogdet(jacobian(fn, x))[1]
 
 
-def geometric_mean_singular_value(fn: Map, x: Float[Array, " n"]) -> Float[Array, ""]:
+def geometric_mean_singular_value(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
     """`Ebar_F(x) = (prod_i sigma_i)^(1/n) = |det J_F(x)|^(1/n)` (paper 000 Def. 4.1).
 
     Computed through `log |det J|` so it neither under- nor overflows for large n.
@@ -67,7 +67,7 @@ def _check_direction(what, x, name, u):
 
 
 def intrinsic_instability(
-    fn: Map, x: Float[Array, " n"], u: Float[Array, " n"]
+    fn: Map, x: Float[ArrayLike, "..."], u: Float[ArrayLike, "..."]
 ) -> Float[Array, ""]:
     """`E_F(x, u) = |J_F(x) u| / |u|` (paper 000 Def. 2.2, eq. 2): one `jax.jvp`."""
     x, u = _check_direction("intrinsic_instability", x, "direction u", u)
@@ -76,7 +76,7 @@ def intrinsic_instability(
 
 
 def instability_coefficient(
-    fn: Map, x: Float[Array, " n"], n: Float[Array, " n"]
+    fn: Map, x: Float[ArrayLike, "..."], n: Float[ArrayLike, "..."]
 ) -> Float[Array, ""]:
     """`A_F(x, n) = |F(x + n) - F(x)| / |n|` (paper 000 Prop. 2.1, eq. 3)."""
     x, n = _check_direction("instability_coefficient", x, "perturbation n", n)
@@ -100,7 +100,7 @@ class SegmentBound(eqx.Module):
 
 
 def instability_lower_bound(
-    fn: Map, x: Float[Array, " n"], n: Float[Array, " n"], num_points: int = 10
+    fn: Map, x: Float[ArrayLike, "..."], n: Float[ArrayLike, "..."], num_points: int = 10
 ) -> SegmentBound:
     """Paper 000 Prop. E.1: if `<J(x+an)n, J(x+bn)n> >= 0` for all `a, b in [0, 1]`,
     then `A_F(x, n) >= (2 sqrt 2 / pi) min_a E_F(x + a n, n)`.
@@ -151,8 +151,8 @@ class InstabilityProbability(eqx.Module):
 
 def instability_probability(
     field: AnalyticField,
-    x: Float[Array, "N n"],
-    M: Float[Array, " m"] | float,
+    x: Float[ArrayLike, "N n"],
+    M: Real[ArrayLike, " m"] | Real[ArrayLike, ""] | Sequence[float | int],
     *,
     throw: bool = True,
     **solve_kwargs,
@@ -222,8 +222,8 @@ def instability_probability(
 
 
 def amplified_error_bound(
-    step_size: float, m2: float, c: Float[Array, "..."]
-) -> Float[Array, "..."]:
+    step_size: Real[ArrayLike, ""], m2: Real[ArrayLike, ""], c: Real[ArrayLike, "*c"]
+) -> Float[Array, "*c"]:
     """Paper 000 Prop. 3.1 (eq. 5): the upper bound `U` on the reconstruction error
     satisfies `U >= h M_2 (C - 1) / (2 log C) * C` when `E_G(z, zhat - z) > C`.
 

@@ -1,4 +1,4 @@
-"""Closed-form data laws and their posterior means under a Gaussian path (DESIGN §3).
+"""Closed-form data laws and their posterior means under a Gaussian path (docs/mathematics.md §3).
 
 Every law answers, for `X_t = alpha X + sigma Z`:
 
@@ -17,7 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from ._misc import as_float_array, check_positive, check_spd, check_weights, is_concrete
 
@@ -42,13 +42,13 @@ class AbstractLaw(eqx.Module):
 
     @abc.abstractmethod
     def posterior(
-        self, x: Float[Array, " n"], alpha: Float[ArrayLike, ""], sigma: Float[ArrayLike, ""]
+        self, x: Float[Array, " n"], alpha: Real[ArrayLike, ""], sigma: Real[ArrayLike, ""]
     ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
         """`(E[X | alpha X + sigma Z = x], grad_x log p_t(x))`."""
 
     @abc.abstractmethod
     def marginal_log_prob(
-        self, x: Float[Array, " n"], alpha: Float[ArrayLike, ""], sigma: Float[ArrayLike, ""]
+        self, x: Float[Array, " n"], alpha: Real[ArrayLike, ""], sigma: Real[ArrayLike, ""]
     ) -> Float[Array, ""]:
         """`log p_t(x)` of `alpha X + sigma Z`."""
 
@@ -59,10 +59,10 @@ class AbstractLaw(eqx.Module):
     def velocity_divergence(
         self,
         x: Float[Array, " n"],
-        alpha: Float[ArrayLike, ""],
-        sigma: Float[ArrayLike, ""],
-        d_alpha: Float[ArrayLike, ""],
-        sigma_d_sigma: Float[ArrayLike, ""],
+        alpha: Real[ArrayLike, ""],
+        sigma: Real[ArrayLike, ""],
+        d_alpha: Real[ArrayLike, ""],
+        sigma_d_sigma: Real[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """`div_x v` of the PF-ODE velocity `v = alpha' D - sigma sigma' s` in closed
         form; raises `NotImplementedError` where `closed_form_divergence` is False."""
@@ -103,7 +103,7 @@ def _mixture_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma):
     """Per-component log densities and whitened residuals `C_k^{-1}(x - alpha mu_k)`.
 
     Works in each component's eigenbasis, so no factorisation happens per call
-    (DESIGN §3): `C_k = V (alpha^2 lam + sigma^2) V^T`.
+    (docs/mathematics.md §3): `C_k = V (alpha^2 lam + sigma^2) V^T`.
     """
     resid = x[None, :] - alpha * means  # (K, n)
     y = resid if eigvecs is None else jnp.einsum("kji,kj->ki", eigvecs, resid)
@@ -119,7 +119,7 @@ def _to_standard_basis(eigvecs, v):
 
 
 class GaussianMixture(AbstractLaw):
-    """Mixture of Gaussians `sum_k a_k N(mu_k, S_k)` (DESIGN §3).
+    """Mixture of Gaussians `sum_k a_k N(mu_k, S_k)` (docs/mathematics.md §3).
 
     **Arguments:**
 
@@ -186,7 +186,7 @@ class GaussianMixture(AbstractLaw):
 
     def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
         """Closed-form `div_x v` of the PF-ODE velocity `v = alpha' D - sigma sigma' s`
-        (DESIGN §7), at about the cost of one evaluation of `v`.
+        (docs/mathematics.md §7), at about the cost of one evaluation of `v`.
 
         Each component's velocity is affine, `v_k = A_k (x - alpha mu_k) + alpha' mu_k`
         with `A_k = (alpha alpha' S_k + sigma sigma' I) C_k^{-1}`; the responsibilities
@@ -217,7 +217,7 @@ class Gaussian(AbstractLaw):
     """A Gaussian law `N(mean, covariance)`.
 
     Under the rectified-flow path its generation map is exactly
-    `G(z) = mean + covariance^(1/2) z` (DESIGN §3), the cleanest end-to-end check.
+    `G(z) = mean + covariance^(1/2) z` (docs/mathematics.md §3), the cleanest end-to-end check.
 
     **Arguments:**
 
@@ -285,7 +285,7 @@ class Empirical(AbstractLaw):
 
     The posterior is a softmax over the points:
     `r = softmax(log w_i - |x - alpha x_i|^2 / (2 sigma^2))`, `D = sum_i r_i x_i`.
-    A measure on a curve is an `Empirical` law on quadrature nodes (DESIGN §3).
+    A measure on a curve is an `Empirical` law on quadrature nodes (docs/mathematics.md §3).
 
     **Arguments:**
 
@@ -395,7 +395,7 @@ class GaussianNeighbours(AbstractLaw):
     Each `f_i` is uniform on the axis-aligned box `prod_d [lower_id, upper_id]` and
     `g_w = N(0, w^2 I)`. Under a Gaussian path the component is `alpha U + tau xi`,
     `tau^2 = alpha^2 w_i^2 + sigma^2`: every coordinate is a uniform convolved with a
-    Gaussian, so densities and posterior means are closed-form (DESIGN §3).
+    Gaussian, so densities and posterior means are closed-form (docs/mathematics.md §3).
 
     **Arguments:**
 

@@ -1,7 +1,7 @@
 """Fields given by networks.
 
 `LearnedField`: a network that predicts one of velocity, noise, data or score on
-a Gaussian path, converted to the others by the identities of DESIGN §2:
+a Gaussian path, converted to the others by the identities of docs/mathematics.md §2:
 `x = alpha D + sigma Zhat`, `s = -Zhat / sigma`, `v = alpha' D + sigma' Zhat`.
 The parameterisations are read here (`decode`) and written here (`target`, the
 regression target of the objectives), so the two stay one convention.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
 from ._misc import check_time_in_range
@@ -84,6 +84,13 @@ class LearnedField(AbstractField):
     path: AbstractPath
     parameterisation: str = eqx.field(static=True)
 
+    def __init__(self, network, path, parameterisation):
+        # unannotated so that `__check_init__`'s errors, which name the fix, are the
+        # ones a wrong argument meets (also under a runtime type checker)
+        self.network = network
+        self.path = path
+        self.parameterisation = parameterisation
+
     def __check_init__(self):
         if not callable(self.network):
             raise ValueError(
@@ -138,6 +145,11 @@ class InterpolantField(AbstractVelocityField):
     network: Callable
     path: AbstractPath
 
+    def __init__(self, network, path):
+        # unannotated, as for `LearnedField`
+        self.network = network
+        self.path = path
+
     def __check_init__(self):
         if not callable(self.network):
             raise ValueError(
@@ -155,7 +167,7 @@ class InterpolantField(AbstractVelocityField):
     def velocity_unchecked(self, x, t):
         return jnp.asarray(self.network(x, t), x.dtype)
 
-    def denoise(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def denoise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """`E[X | X_t = x]`, from `x = alpha D + sigma E[X0 | X_t]` and
         `v = alpha' D + sigma' E[X0 | X_t]` (both hold for any source)."""
         x = check_time_in_range(self.path, x, t)

@@ -8,7 +8,7 @@ Paper 000 Lemma D.1 (an equality):
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractVelocityField, AnalyticField, divergence, divergence_method
 from ._instability import log_abs_det_jacobian
@@ -22,7 +22,7 @@ def _span(field, kwargs):
 
 def log_det_generation(
     field: AbstractVelocityField,
-    z: Float[Array, " n"],
+    z: Float[ArrayLike, "..."],
     *,
     route: str = "divergence",
     key: PRNGKeyArray | None = None,
@@ -103,7 +103,7 @@ def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwar
 
 def invert_with_log_det(
     field: AbstractVelocityField,
-    x: Float[Array, " n"],
+    x: Float[ArrayLike, "..."],
     *,
     key: PRNGKeyArray | None = None,
     divergence: str = "auto",
@@ -135,7 +135,7 @@ def invert_with_log_det(
 
 
 def generate_with_jacobian(
-    field: AbstractVelocityField, z: Float[Array, " n"], *, throw: bool = True, **solve_kwargs
+    field: AbstractVelocityField, z: Float[ArrayLike, "..."], *, throw: bool = True, **solve_kwargs
 ) -> tuple[Float[Array, " n"], Float[Array, "n n"]] | Outcome:
     """`(G(z), J_G(z))` from one solve of the variational equation
     `dx/dt = v(x, t)`, `dJ/dt = (dv/dx)(x, t) J`, `J(t_noise) = I`.

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike
 
 
 def is_concrete(*arrays) -> bool:
@@ -32,7 +33,7 @@ def as_float_array(name: str, value, ndim=None) -> jax.Array:
     return arr
 
 
-def check_weights(name: str, weights: jax.Array) -> None:
+def check_weights(name: str, weights: ArrayLike) -> None:
     """Mixture weights: positive and summing to one (checked when concrete)."""
     if not is_concrete(weights):
         return
@@ -50,7 +51,7 @@ def check_weights(name: str, weights: jax.Array) -> None:
         )
 
 
-def check_spd(name: str, matrices: np.ndarray) -> None:
+def check_spd(name: str, matrices: ArrayLike) -> None:
     """Symmetric positive definite (batch of matrices, last two axes)."""
     m = np.asarray(matrices, dtype=np.float64)
     asym = np.max(np.abs(m - np.swapaxes(m, -1, -2)), initial=0.0)

@@ -5,7 +5,7 @@ parameterisation (paper 002 eq. 4.33-4.34; Ho et al. 2020).
 
 With `X_t = alpha X + sigma Z`, the minimiser over functions of `(x, t)` of
 `E |f(X_t, t) - target|^2` is `E[target | X_t = x]`: for the targets below these
-are exactly `v`, `Zhat`, `D` and `s` of DESIGN §2, so a network trained on
+are exactly `v`, `Zhat`, `D` and `s` of docs/mathematics.md §2, so a network trained on
 samples of a closed-form law converges to its `AnalyticField`. With another
 source law `X0` in place of `Z` (stochastic interpolants, Albergo et al. 2023) the
 velocity target's minimiser is still the interpolant's velocity
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._learned import check_parameterisation, target
 from ._paths import AbstractPath
@@ -55,7 +55,7 @@ def ot_pairing(
 def flow_matching_loss(
     network: Callable,
     path: AbstractPath,
-    x: Float[Array, "b n"],
+    x: Float[ArrayLike, "..."],
     key: PRNGKeyArray,
     *,
     parameterisation: str = "velocity",
@@ -125,7 +125,7 @@ def flow_matching_loss(
 
 
 def denoising_score_matching_loss(
-    network: Callable, path: AbstractPath, x: Float[Array, "b n"], key: PRNGKeyArray
+    network: Callable, path: AbstractPath, x: Float[ArrayLike, "..."], key: PRNGKeyArray
 ) -> Float[Array, ""]:
     """`E |eps_theta(alpha X + sigma Z, t) - Z|^2` (paper 002 eq. 4.33-4.34): the
     noise-parameterised objective; read the network with

@@ -1,4 +1,4 @@
-"""Gaussian probability paths `X_t = alpha(t) X + sigma(t) Z` (DESIGN §2).
+"""Gaussian probability paths `X_t = alpha(t) X + sigma(t) Z` (docs/mathematics.md §2).
 
 Data sit at `t = t_data = 0`, noise at `t = t_noise` (1, or `T` for the OU path).
 """
@@ -8,7 +8,7 @@ import math
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 
 class AbstractPath(eqx.Module):
@@ -17,6 +17,9 @@ class AbstractPath(eqx.Module):
     Subclasses give `alpha`, `sigma`, their time derivatives and the product
     `sigma * sigma'`, which stays finite where `sigma'` alone does not (the cosine
     path at `t = 0`); the PF-ODE velocity is written with that product.
+
+    The coefficients act elementwise: `t` is a time (a Python number or a 0-d
+    array) or an array of times, and the result has `t`'s shape.
     """
 
     t_noise: eqx.AbstractVar[float]
@@ -27,37 +30,44 @@ class AbstractPath(eqx.Module):
         return 0.0
 
     @abc.abstractmethod
-    def alpha(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def alpha(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
         """Signal coefficient `alpha(t)`."""
 
     @abc.abstractmethod
-    def sigma(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def sigma(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
         """Noise coefficient `sigma(t)`."""
 
     @abc.abstractmethod
-    def d_alpha(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def d_alpha(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
         """`d alpha / dt`."""
 
     @abc.abstractmethod
-    def d_sigma(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def d_sigma(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
         """`d sigma / dt` (may be infinite at an end of the path)."""
 
     @abc.abstractmethod
-    def sigma_d_sigma(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
+    def sigma_d_sigma(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
         """`sigma * d sigma / dt = (1/2) d sigma^2 / dt`, finite on the whole path."""
 
-    def drift_coefficient(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
-        """`f(t) = alpha'/alpha` of the forward SDE `dX = f X dt + g dW` (DESIGN §2)."""
+    def drift_coefficient(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
+        """`f(t) = alpha'/alpha` of the forward SDE `dX = f X dt + g dW`
+        (docs/mathematics.md §2)."""
         return self.d_alpha(t) / self.alpha(t)
 
-    def diffusion_squared(self, t: Float[ArrayLike, ""]) -> Float[Array, ""]:
-        """`g(t)^2 = 2 sigma sigma' - 2 f sigma^2` of the forward SDE (DESIGN §2).
+    def diffusion_squared(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
+        """`g(t)^2 = 2 sigma sigma' - 2 f sigma^2` of the forward SDE (docs/mathematics.md §2).
 
         Written as `2 sigma sigma' - 2 alpha' sigma^2 / alpha`; infinite where
         `alpha = 0` (the noise end of the rectified-flow and cosine paths).
         """
         sigma = self.sigma(t)
         return 2 * self.sigma_d_sigma(t) - 2 * self.drift_coefficient(t) * sigma**2
+
+
+def _as_time(t):
+    """`t` as an array of a floating dtype (an integer time becomes the default float)."""
+    t = jnp.asarray(t)
+    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
 
 
 def _check_scalar(name, value, lower=None, upper=None):
@@ -81,7 +91,7 @@ class RectifiedFlow(AbstractPath):
         return 1.0 - jnp.asarray(t)
 
     def sigma(self, t):
-        return jnp.asarray(t)
+        return _as_time(t)
 
     def d_alpha(self, t):
         return -jnp.ones_like(jnp.asarray(t, dtype=float))
@@ -90,7 +100,7 @@ class RectifiedFlow(AbstractPath):
         return jnp.ones_like(jnp.asarray(t, dtype=float))
 
     def sigma_d_sigma(self, t):
-        return jnp.asarray(t)
+        return _as_time(t)
 
 
 class OrnsteinUhlenbeck(AbstractPath):
@@ -107,7 +117,7 @@ class OrnsteinUhlenbeck(AbstractPath):
 
     t_noise: float = eqx.field(static=True)
 
-    def __init__(self, T: float = 5.0):
+    def __init__(self, T: float | int = 5.0):
         _check_scalar("OrnsteinUhlenbeck T", T, lower=0.0)
         self.t_noise = float(T)
 
@@ -145,7 +155,7 @@ class Cosine(AbstractPath):
     offset: float = eqx.field(static=True)
     t_noise: float = eqx.field(static=True, default=1.0)
 
-    def __init__(self, offset: float = 0.008):
+    def __init__(self, offset: float | int = 0.008):
         _check_scalar("Cosine offset", offset)
         if offset < 0:
             raise ValueError(f"Cosine offset must be >= 0, got {offset}.")

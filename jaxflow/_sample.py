@@ -18,9 +18,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from ._fields import AbstractField
+from ._fields import AbstractField, AbstractVelocityField
 from ._misc import check_positive_int, check_time_grid
 from ._paths import AbstractPath
 from ._results import RESULTS, Outcome, all_finite
@@ -28,7 +28,7 @@ from ._solve import check_throw, get_solver, prepare, raise_or_outcome
 
 
 def ddpm_coefficients(
-    path: AbstractPath, t: Float[ArrayLike, ""], t_next: Float[ArrayLike, ""]
+    path: AbstractPath, t: Real[ArrayLike, ""], t_next: Real[ArrayLike, ""]
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
     """`(c_x, c_0, var)` with `X_{t_next} | X_t = x, X_0 = x0 ~ N(c_x x + c_0 x0, var I)`
     (paper 002 eq. 4.23-4.24 on the OU path), for `t_data <= t_next < t`.
@@ -59,8 +59,8 @@ def ddpm_coefficients(
 def ddpm_step(
     path: AbstractPath,
     x: Float[Array, " n"],
-    t: Float[ArrayLike, ""],
-    t_next: Float[ArrayLike, ""],
+    t: Real[ArrayLike, ""],
+    t_next: Real[ArrayLike, ""],
     x0_bar: Float[Array, " n"],
     noise: Float[Array, " n"],
 ) -> Float[Array, " n"]:
@@ -80,14 +80,14 @@ def ddpm_step(
 
 
 def sample_ddpm(
-    field: AbstractField,
-    z: Float[Array, " n"],
+    field: AbstractVelocityField,
+    z: Float[ArrayLike, "..."],
     key: PRNGKeyArray,
     *,
     steps: int = 1000,
-    t_noise: float | None = None,
-    t_data: float | None = None,
-    times: Float[ArrayLike, " k"] | None = None,
+    t_noise: Real[ArrayLike, ""] | None = None,
+    t_data: Real[ArrayLike, ""] | None = None,
+    times: Real[ArrayLike, " k"] | None = None,
     throw: bool = True,
 ) -> Float[Array, " n"] | Outcome:
     """DDPM ancestral sampling: `steps` equal steps of `ddpm_step` from `t_noise` to
@@ -156,19 +156,19 @@ def _finish_chain(x, input_ok, name, throw, result=RESULTS.successful):
 
 
 def sample_sde(
-    field: AbstractField,
-    z: Float[Array, " n"],
+    field: AbstractVelocityField,
+    z: Float[ArrayLike, "..."],
     key: PRNGKeyArray,
     *,
     steps: int = 1000,
     solver=None,
-    t_noise: float | None = None,
-    t_data: float | None = None,
+    t_noise: Real[ArrayLike, ""] | None = None,
+    t_data: Real[ArrayLike, ""] | None = None,
     progress_meter=None,
     throw: bool = True,
 ) -> Float[Array, " n"] | Outcome:
     """Integrate the reverse SDE `dx = [v - (g^2/2) s] dt + g dW` from the noise end
-    to the data end (DESIGN §2; paper 002 eq. 4.1 for the OU path).
+    to the data end (docs/mathematics.md §2; paper 002 eq. 4.1 for the OU path).
 
     Integrated in reversed time `tau = t_noise - t` with diffrax (Euler-Maruyama by
     default, `steps` equal steps, a `VirtualBrownianTree` driven by `key`, so the
@@ -224,13 +224,13 @@ def sample_sde(
 def reverse_sde_step(
     field: AbstractField,
     x: Float[Array, " n"],
-    t: Float[ArrayLike, ""],
-    h: Float[ArrayLike, ""],
+    t: Real[ArrayLike, ""],
+    h: Real[ArrayLike, ""],
     noise: Float[Array, " n"],
     score_error: Callable[[Float[Array, " n"]], Float[Array, " n"]] | None = None,
 ) -> Float[Array, " n"]:
     """One Euler-Maruyama step of the reverse SDE from `t` to `t - h`:
-    `x - h (f x - g^2 s) + g sqrt(h) xi` (DESIGN §2), for code that walks the
+    `x - h (f x - g^2 s) + g sqrt(h) xi` (docs/mathematics.md §2), for code that walks the
     chain itself (a Lyapunov analysis of the stochastic sampler, paper 003 G.5,
     freezes `xi` per step and differentiates the step).
 

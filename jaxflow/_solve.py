@@ -1,4 +1,4 @@
-"""Solving the PF-ODE with diffrax (DESIGN §4): the ODE plumbing every entry point
+"""Solving the PF-ODE with diffrax (docs/mathematics.md §4): the ODE plumbing every entry point
 shares, and `generate`, `invert`, `reconstruct`.
 
 Generation integrates the PF-ODE from the noise end to the data end, inversion
@@ -12,7 +12,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
 from ._misc import check_positive_int, check_time_grid
@@ -265,17 +265,17 @@ def _pf_ode(
 
 def generate(
     field: AbstractVelocityField,
-    z: Float[Array, " n"],
+    z: Float[ArrayLike, "..."],
     *,
     solver="dopri5",
     steps: int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
-    t_noise: float | None = None,
-    t_data: float | None = None,
+    t_noise: Real[ArrayLike, ""] | None = None,
+    t_data: Real[ArrayLike, ""] | None = None,
     adjoint=None,
-    times: Float[ArrayLike, " k"] | None = None,
+    times: Real[ArrayLike, " k"] | None = None,
     progress_meter=None,
     throw: bool = True,
 ) -> Float[Array, " n"] | Outcome:
@@ -329,17 +329,17 @@ def generate(
 
 def invert(
     field: AbstractVelocityField,
-    x: Float[Array, " n"],
+    x: Float[ArrayLike, "..."],
     *,
     solver="dopri5",
     steps: int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
-    t_noise: float | None = None,
-    t_data: float | None = None,
+    t_noise: Real[ArrayLike, ""] | None = None,
+    t_data: Real[ArrayLike, ""] | None = None,
     adjoint=None,
-    times: Float[ArrayLike, " k"] | None = None,
+    times: Real[ArrayLike, " k"] | None = None,
     progress_meter=None,
     throw: bool = True,
 ) -> Float[Array, " n"] | Outcome:
@@ -370,7 +370,7 @@ def invert(
 
 
 def reconstruct(
-    field: AbstractVelocityField, x: Float[Array, " n"], *, throw: bool = True, **solve_kwargs
+    field: AbstractVelocityField, x: Float[ArrayLike, "..."], *, throw: bool = True, **solve_kwargs
 ) -> Float[Array, " n"] | Outcome:
     """`Ghat(Ghat^{-1}(x))`: invert then regenerate with the same solver settings
     (paper 000 Sec. 3.2, Algorithm 1).
@@ -391,7 +391,7 @@ def reconstruct(
 
 
 def reconstruction_error(
-    field: AbstractVelocityField, x: Float[Array, " n"], *, throw: bool = True, **solve_kwargs
+    field: AbstractVelocityField, x: Float[ArrayLike, "..."], *, throw: bool = True, **solve_kwargs
 ) -> Float[Array, ""] | Outcome:
     """`R(x) = |x - Ghat(Ghat^{-1}(x))| / sqrt(n)` (paper 000 eq. 4).
 

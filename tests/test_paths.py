@@ -1,4 +1,4 @@
-"""Path coefficients against autodiff and the DESIGN §2 identities."""
+"""Path coefficients against autodiff and the docs/mathematics.md §2 identities."""
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ def test_derivatives_match_autodiff(name, frac):
     np.testing.assert_allclose(
         path.sigma_d_sigma(t), path.sigma(t) * path.d_sigma(t), rtol=1e-8, atol=1e-12
     )
-    # g^2 = d sigma^2/dt - 2 f sigma^2 (DESIGN §2)
+    # g^2 = d sigma^2/dt - 2 f sigma^2 (docs/mathematics.md §2)
     g2 = (
         jax.grad(lambda s: path.sigma(s) ** 2)(t)
         - 2 * path.d_alpha(t) / path.alpha(t) * path.sigma(t) ** 2

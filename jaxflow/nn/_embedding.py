@@ -3,11 +3,11 @@
 import math
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 
 def sinusoidal_embedding(
-    t: Float[ArrayLike, ""], dim: int, scale: float = 1000.0
+    t: Real[ArrayLike, ""], dim: int, scale: float = 1000.0
 ) -> Float[Array, " dim"]:
     """`[sin(scale t w_k), cos(scale t w_k)]` with geometric frequencies `w_k` from 1
     to 1e-4 (Vaswani et al. 2017; Ho et al. 2020).
@@ -20,6 +20,8 @@ def sinusoidal_embedding(
 
     **Returns:** the embedding, shape `(dim,)`.
     """
+    if dim % 2:
+        raise ValueError(f"the embedding's dim must be even, got {dim}.")
     half = dim // 2
     freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
     arg = scale * jnp.asarray(t, dtype=freqs.dtype) * freqs

@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from .._misc import check_positive_int
 from ._embedding import sinusoidal_embedding
@@ -49,7 +49,7 @@ class MLP(eqx.Module):
         self.time_dim = time_dim
         self.time_scale = time_scale
 
-    def __call__(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def __call__(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         emb = sinusoidal_embedding(t, self.time_dim, self.time_scale).astype(x.dtype)
         h = jnp.concatenate([x, emb])
         for layer in self.layers[:-1]:

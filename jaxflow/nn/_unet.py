@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from .._misc import check_positive_int
 from ._embedding import sinusoidal_embedding
@@ -159,6 +159,8 @@ class UNet(eqx.Module):
             )
         for name, value in (("channels", channels), ("blocks", blocks), ("heads", heads)):
             check_positive_int(name, value)
+        if time_dim % 2:
+            raise ValueError(f"time_dim must be even, got {time_dim}.")
         widths = [channels * m for m in multipliers]
         if widths[-1] % heads:
             raise ValueError(f"heads ({heads}) must divide the coarsest channels ({widths[-1]}).")
@@ -177,7 +179,7 @@ class UNet(eqx.Module):
         self.up, self.upsample = layers["up"], layers["upsample"]
         self.norm_out, self.conv_out = layers["norm_out"], layers["conv_out"]
 
-    def __call__(self, x: Float[Array, " n"], t: Float[ArrayLike, ""]) -> Float[Array, " n"]:
+    def __call__(self, x: Float[Array, "..."], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         n = math.prod(self.image_shape)
         if x.shape != (n,):
             raise ValueError(f"UNet takes flat images of shape ({n},), got {x.shape}.")
