@@ -50,9 +50,10 @@ def test_throw_false_keeps_the_good_points(name):
     out = jax.jit(jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS, throw=False)))(BATCH)
     reference = jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS))(BATCH[GOOD])
     _check_batch(out, reference)
-    # throw=True on the same batch raises, naming the cause of the first failure
-    with pytest.raises(Exception, match="max_steps|NaN"):
-        jax.block_until_ready(jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS))(BATCH))
+    if name in ("generate", "generate_with_jacobian"):  # the others share the code
+        # throw=True on the same batch raises, naming the cause of the first failure
+        with pytest.raises(Exception, match="max_steps|NaN"):
+            jax.block_until_ready(jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS))(BATCH))
 
 
 @pytest.mark.parametrize("name", ["invert", "invert_with_log_det"])
