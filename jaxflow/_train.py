@@ -56,8 +56,8 @@ class TrainResult(eqx.Module):
       for sampling).
     - `opt_state`: the optimiser state; `step`: steps taken in total.
     - `losses`: `(steps this call,)` the loss of every step this call ran.
-    - `state`: the final `TrainState`, of which the fields above are views (the
-      same arrays).
+    - `state`: the final `TrainState`, built from the fields above (the same
+      arrays, not a second copy in the pytree).
     """
 
     model: eqx.Module
@@ -65,7 +65,17 @@ class TrainResult(eqx.Module):
     opt_state: optax.OptState
     step: int
     losses: Float[Array, " steps"]
-    state: TrainState
+
+    @property
+    def state(self) -> TrainState:
+        """The final `TrainState`: what a run resumed from its last checkpoint
+        starts from."""
+        return TrainState(
+            eqx.filter(self.model, eqx.is_array),
+            eqx.filter(self.ema, eqx.is_array),
+            self.opt_state,
+            jnp.asarray(self.step),
+        )
 
 
 def _checkpoint_manager(directory):
@@ -359,7 +369,6 @@ def train(
         opt_state=state.opt_state,
         step=step,
         losses=jnp.asarray(np.concatenate(losses) if losses else np.zeros(0)),
-        state=state,
     )
 
 
