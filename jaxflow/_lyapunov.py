@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._results import RESULTS, Outcome, all_finite, mask_failed
+from ._misc import check_positive_int
+from ._results import RESULTS, Outcome, classify, mask_failed
 from ._solve import check_throw, get_solver
 
 # Steps over [t0, t1] when `lyapunov_spectrum` is given neither `steps` nor `dt`.
@@ -223,7 +224,7 @@ def _sorted_spectrum(
 
 def _result(spectrum: LyapunovSpectrum) -> RESULTS:
     """`non_finite` where the exponents, the path or any vectors are not finite."""
-    finite = all_finite(
+    return classify(
         (
             spectrum.exponents,
             spectrum.vectors,
@@ -232,7 +233,6 @@ def _result(spectrum: LyapunovSpectrum) -> RESULTS:
             spectrum.covariant_state,
         )
     )
-    return RESULTS.where(finite, RESULTS.successful, RESULTS.non_finite)
 
 
 def _raise_or_outcome(
@@ -296,8 +296,7 @@ def lyapunov_spectrum_of_map(
     """
     throw = check_throw(throw)
     x0 = _as_point(x0)
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+    num_steps = check_positive_int("num_steps", num_steps)
     if not isinstance(transient_steps, int) or transient_steps < 0:
         raise ValueError(f"transient_steps must be an int >= 0, got {transient_steps!r}.")
     if not isinstance(covariant_steps, int) or not 0 <= covariant_steps < num_steps:
@@ -339,9 +338,7 @@ def _flow_steps(t0: float, t1: float, steps: int | None, dt: float | None) -> in
         return max(steps, 1)
     if steps is None:
         return DEFAULT_FLOW_STEPS
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}.")
-    return steps
+    return check_positive_int("steps", steps)
 
 
 def _discrete_flow(

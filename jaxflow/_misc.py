@@ -82,9 +82,14 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def time_in_range(path, t):
+    """True where the (possibly traced) time `t` is finite and in `path`'s range."""
+    return (t >= path.t_data) & (t <= path.t_noise) & jnp.isfinite(t)
+
+
 def check_time_in_range(path, x, t, what: str = "time t"):
     """`eqx.error_if` on `x` when a (traced) time lies outside `path`'s range."""
-    bad = (t < path.t_data) | (t > path.t_noise) | ~jnp.isfinite(t)
+    bad = ~time_in_range(path, t)
     return eqx.error_if(
         x, bad, f"{what} is outside the path's range [t_data, t_noise]; clip it to it."
     )

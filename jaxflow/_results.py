@@ -56,6 +56,17 @@ def all_finite(tree) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
+def classify(value, result: RESULTS = RESULTS.successful, input_ok=None) -> RESULTS:
+    """The status of one point: `result` (a solver's own, promoted to `RESULTS`),
+    else `invalid_input` where `input_ok` is False, else `non_finite` where `value`
+    is not finite."""
+    if input_ok is not None:
+        result = RESULTS.where(input_ok, result, RESULTS.invalid_input)
+    return RESULTS.where(
+        (result == RESULTS.successful) & ~all_finite(value), RESULTS.non_finite, result
+    )
+
+
 def mask_failed(tree, ok):
     """NaN where not `ok`, in primal and tangent alike (a `where` would give a zero
     tangent at a failed point)."""

@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 from ._fields import AbstractField, AbstractVelocityField
 from ._misc import check_positive_int, check_time_grid
 from ._paths import AbstractPath
-from ._results import RESULTS, Outcome, all_finite
+from ._results import RESULTS, Outcome, classify
 from ._solve import check_throw, get_solver, prepare, raise_or_outcome
 
 
@@ -144,15 +144,7 @@ def sample_ddpm(
         return ddpm_step(path, x, t, t_next, field.denoise(x, t), noise), None
 
     x, _ = jax.lax.scan(body, z, jnp.arange(steps))
-    return _finish_chain(x, ok, "sample_ddpm", throw)
-
-
-def _finish_chain(x, input_ok, name, throw, result=RESULTS.successful):
-    result = RESULTS.where(input_ok, result, RESULTS.invalid_input)
-    result = RESULTS.where(
-        (result == RESULTS.successful) & ~all_finite(x), RESULTS.non_finite, result
-    )
-    return raise_or_outcome(x, result, name, throw)
+    return raise_or_outcome(x, classify(x, input_ok=ok), "sample_ddpm", throw)
 
 
 def sample_sde(
@@ -218,7 +210,8 @@ def sample_sde(
         progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
         throw=False,
     )
-    return _finish_chain(sol.ys[0], ok, "sample_sde", throw, RESULTS.promote(sol.result))
+    x = sol.ys[0]
+    return raise_or_outcome(x, classify(x, RESULTS.promote(sol.result), ok), "sample_sde", throw)
 
 
 def reverse_sde_step(

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
-from ._misc import check_positive_int, check_time_grid
-from ._results import RESULTS, Outcome, all_finite, first_failure, mask_failed
+from ._misc import check_positive_int, check_time_grid, time_in_range
+from ._results import RESULTS, Outcome, classify, first_failure, mask_failed
 
 _NAMED_SOLVERS = {
     "euler": diffrax.Euler,
@@ -148,13 +148,7 @@ def solve_ode(
         throw=False,
     )
     y = jax.tree_util.tree_map(lambda a: a[0], sol.ys)
-    result = RESULTS.promote(sol.result)
-    if input_ok is not None:
-        result = RESULTS.where(input_ok, result, RESULTS.invalid_input)
-    result = RESULTS.where(
-        (result == RESULTS.successful) & ~all_finite(y), RESULTS.non_finite, result
-    )
-    return y, result
+    return y, classify(y, RESULTS.promote(sol.result), input_ok)
 
 
 def raise_or_outcome(value, result: RESULTS, name: str, throw: bool):
@@ -224,7 +218,7 @@ def prepare(
     ok = jnp.all(jnp.isfinite(x))
     for t in (t_start, t_end):
         if not isinstance(t, (int, float)):  # only known under jit
-            ok = ok & (t >= field.path.t_data) & (t <= field.path.t_noise) & jnp.isfinite(t)
+            ok = ok & time_in_range(field.path, t)
     return jnp.where(ok, x, jnp.zeros_like(x)), ok
 
 
@@ -383,9 +377,9 @@ def reconstruct(
     if check_throw(throw):
         return generate(field, invert(field, x, **solve_kwargs), **solve_kwargs)
     z = invert(field, x, throw=False, **solve_kwargs)
-    # a failed inversion is NaN; regenerate from zeros instead so that the second
-    # solve does not report the first one's failure as its own
-    x_hat = generate(field, jnp.where(z.ok, z.value, 0.0), throw=False, **solve_kwargs)
+    # a failed inversion is NaN, which generate reports as invalid input; the
+    # inversion's own cause comes first
+    x_hat = generate(field, z.value, throw=False, **solve_kwargs)
     result = first_failure(z.result, x_hat.result)
     return Outcome(value=mask_failed(x_hat.value, result == RESULTS.successful), result=result)
 
