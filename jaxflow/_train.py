@@ -11,7 +11,9 @@ state, the step and the key (the PRNG state of every later step).
 import json
 import os
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from typing import final
 
@@ -117,6 +119,154 @@ def _restore(ocp, manager, step, weights, opt_state=None):
     return manager.restore(step, args=ocp.args.Composite(**items))
 
 
+class _Unrestorable(Exception):
+    """A checkpoint step that cannot be read back (damaged, empty, or holding NaN),
+    raised `from` its cause. Private: `_restore_newest` catches it to try an older
+    step, and no caller outside sees it."""
+
+
+def _key_str(key) -> str:
+    """One key of a pytree path, written the same for a template and for orbax's
+    metadata of the saved tree: `[i]` for a sequence item, `.name` for an attribute
+    or a dict key (orbax stores a module's or a namedtuple's fields as dict keys)."""
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return f"[{key.idx}]"
+    return f".{getattr(key, 'name', getattr(key, 'key', key))}"
+
+
+def _leaf_shapes(tree) -> dict:
+    """`{path: shape}` over the leaves of `tree` (arrays, shape structs or orbax's
+    `ArrayMetadata`), each path a tuple of `_key_str`s. An empty node (`None`, an
+    optimiser's `EmptyState`) counts as a leaf of shape `None`: orbax keeps those
+    nodes and refuses a tree that has more or fewer of them."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not jax.tree.leaves(x))
+    return {
+        tuple(map(_key_str, path)): (
+            tuple(getattr(leaf, "shape", ())) if jax.tree.leaves(leaf) else None
+        )
+        for path, leaf in flat
+    }
+
+
+def _tree_difference(saved, template, what: str, this: str, drop: int = 0) -> str | None:
+    """How orbax's metadata `saved` of a checkpoint item differs from the `template`
+    it would be restored into, in words naming the first differing leaf (its path
+    and both shapes); `None` when they agree.
+
+    **Arguments:** `what`, `this`: the item's names in the words ("a model", "this
+    model"); `drop`: leading path keys left out of them (`1` for the weights item, a
+    `(model, EMA)` pair).
+    """
+    have, want = _leaf_shapes(saved), _leaf_shapes(template)
+    paths = [*want, *(p for p in have if p not in want)]
+    differing = [p for p in paths if have.get(p, ...) != want.get(p, ...)]
+    if not differing:
+        return None
+    # an array leaf names the difference better than an empty node (an EmptyState)
+    path = next((p for p in differing if (have.get(p), want.get(p)) != (None, None)), differing[0])
+    name = "".join(path[drop:]).lstrip(".") or "(root)"
+    if path not in have:
+        return f"{what} without the leaf `{name}` of {this}"
+    if path not in want:
+        return f"{what} with a leaf `{name}` that {this} lacks"
+    words = lambda s: "empty" if s is None else f"of shape {s}"  # noqa: E731
+    return f"{what} whose leaf `{name}` is {words(have[path])}; {this}'s is {words(want[path])}"
+
+
+def _check_restored(restored, with_optimiser: bool) -> None:
+    """Refuse restored values that no run could have saved: non-finite weights or
+    optimiser state (`train` never saves past a non-finite loss), or a config that
+    is not a JSON object.
+
+    **Raises:** `ValueError` naming what is wrong.
+    """
+    trees = dict(weights=restored.weights)
+    if with_optimiser:
+        trees["optimiser state"] = restored.optimiser
+    for name, tree in trees.items():
+        if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)):
+            raise ValueError(f"its {name} hold NaN or inf")
+    if not isinstance(restored.config, dict):
+        raise ValueError(f"its config is a {type(restored.config).__name__}, not a JSON object")
+
+
+def _read_step(ocp, manager, directory, step, weights, opt_state=None):
+    """Checkpoint `step` restored into the templates (as `_restore`), after checking
+    that it was written for this model (and this optimiser, if `opt_state` is given).
+
+    **Raises:** `ValueError` when the saved trees differ from the templates: the
+    user's error, which an older step of the same run shares; `_Unrestorable` when
+    the step cannot be read or holds non-finite values.
+    """
+    item = lambda name: ocp.StandardCheckpointHandler().metadata(  # noqa: E731
+        manager.directory / str(step) / name
+    )
+    try:
+        saved_weights = item("weights")
+        saved_opt = None if opt_state is None else item("optimiser")
+    except Exception as e:  # orbax and TensorStore raise many types for a damaged file
+        raise _Unrestorable() from e
+    difference = _tree_difference(saved_weights.tree, weights, "a model", "this model", drop=1)
+    fix = "pass the same architecture, or a new checkpoint_dir"
+    if difference is None and opt_state is not None:
+        difference = _tree_difference(
+            saved_opt.tree, opt_state, "an optimiser state", "this optimiser's state"
+        )
+        fix = "pass the optimiser that run was started with, or a new checkpoint_dir"
+    if difference is not None:
+        raise ValueError(f"the checkpoint in {directory} holds {difference}: {fix}.")
+    try:
+        restored = _restore(ocp, manager, step, weights, opt_state)
+        _check_restored(restored, opt_state is not None)
+    except Exception as e:
+        raise _Unrestorable() from e
+    return restored
+
+
+def _one_line(error: BaseException) -> str:
+    """The root cause of `error` as `Type: first line`: orbax raises a bare
+    `Exception` `from` TensorStore's error, which is the one that names the damaged
+    file. TensorStore's spec that ends its line is cut, the rest to 200 characters."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    text = f"{type(error).__name__}: {first}"
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _restore_newest(ocp, manager, directory, weights, opt_state=None):
+    """The newest checkpoint step in `manager` that restores (see `_read_step`),
+    trying the steps newest first.
+
+    **Returns:** `(step, restored, failures)`: `failures` lists `(step, cause)` for
+    each newer step that did not restore; `(None, None, [])` when there is no step.
+
+    **Raises:** `ValueError` when no step restores, naming each step and its cause;
+    the `ValueError` of `_read_step` when the checkpoint was written for another
+    model or optimiser.
+    """
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, _read_step(ocp, manager, directory, step, weights, opt_state), failures
+        except _Unrestorable as e:
+            failures.append((step, e.__cause__))
+    if not failures:
+        return None, None, []
+    causes = "; ".join(f"step {s}: {_one_line(e)}" for s, e in failures)
+    raise ValueError(
+        f"no checkpoint in {directory} restores (steps {', '.join(str(s) for s, _ in failures)} "
+        f"tried, newest first): {causes}. Move the damaged step folders out of {directory} "
+        "to start afresh there, or use a new checkpoint_dir."
+    )
+
+
+def _fallback_message(directory, failures, step) -> str:
+    """The warning's text when `_restore_newest` skipped `failures` to use `step`."""
+    skipped = "; ".join(f"step {s} does not restore ({_one_line(e)})" for s, e in failures)
+    return f"jaxflow: in {directory}, {skipped}; using step {step}, the newest that does."
+
+
 def _check_arguments(
     model, loss_fn, data, key, steps, batch_size, chunk, checkpoint_every, ema_decay
 ):
@@ -155,19 +305,84 @@ def _key_json(key: PRNGKeyArray) -> list:
     return np.asarray(key_data).tolist()
 
 
-def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json) -> TrainState:
-    """The state to start from: the latest checkpoint in `manager` if there is one,
-    else step 0 (weights `params`, the EMA equal to them, a fresh optimiser state).
+_RESERVED = ("step", "prng_key")  # the keys train writes into a checkpoint's config
 
-    **Raises:** `ValueError` when the checkpoint was written with another key: its
-    steps drew other batches, so carrying on with this key would not continue it.
+
+def _check_config(config: dict | None) -> dict:
+    """Check `train`'s `config` before any step: otherwise the first save, after
+    `checkpoint_every` steps of compute, would be the first to fail.
+
+    **Returns:** the config as a new dict (`{}` for `None`).
+
+    **Raises:** `ValueError` when `config` is not a dict, uses a reserved key
+    (`step`, `prng_key`: `train` writes them, and would overwrite the user's value
+    silently), has a key that is not a string, or a value that is not JSON (naming
+    its key and type).
+    """
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict, got a {type(config).__name__}.")
+    reserved = [k for k in _RESERVED if k in config]
+    if reserved:
+        raise ValueError(
+            f"config uses the reserved key(s) {reserved}: train writes them into each "
+            "checkpoint. Rename them, or drop them from a config read by jf.load_checkpoint."
+        )
+    for key, value in config.items():
+        if not isinstance(key, str):  # JSON would turn it into a string, unsaid
+            raise ValueError(f"config keys must be strings, got {key!r}.")
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"config[{key!r}] (a {type(value).__name__}) is not JSON ({e}): pass plain "
+                "Python values (float(x), x.tolist(), str(x))."
+            ) from e
+    return dict(config)
+
+
+def _check_checkpoint_dir(directory: str) -> None:
+    """Make sure that `train` can write its checkpoints in `directory`, creating it
+    if needed, before any step: otherwise the first save would be the first to fail.
+
+    **Raises:** `ValueError` when `directory` is a file or cannot be written.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"checkpoint_dir {directory} is a file, not a directory.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):  # the one honest test of writing
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"checkpoint_dir {directory} cannot be written ({e.strerror or e}): pass a "
+            "writable directory."
+        ) from e
+
+
+def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json):
+    """The state to start from: the newest checkpoint in `manager` that restores, if
+    there is one, else step 0 (weights `params`, the EMA equal to them, a fresh
+    optimiser state).
+
+    **Returns:** `(state, failures)`: the `TrainState`, and the `(step, cause)` of
+    each newer checkpoint that did not restore.
+
+    **Raises:** `ValueError` when the checkpoint was written with another key (its
+    steps drew other batches, so carrying on with this key would not continue it),
+    for another model or optimiser, or when no checkpoint restores
+    (`_restore_newest`).
     """
     fresh = TrainState(params, params, optimiser.init(params), jnp.asarray(0))
-    latest = None if manager is None else manager.latest_step()
-    if latest is None:
-        return fresh
+    if manager is None:
+        return fresh, []
     # the fresh state is the template: orbax restores to its structure and dtypes
-    restored = _restore(ocp, manager, latest, (fresh.params, fresh.ema), fresh.opt_state)
+    latest, restored, failures = _restore_newest(
+        ocp, manager, checkpoint_dir, (fresh.params, fresh.ema), fresh.opt_state
+    )
+    if latest is None:
+        return fresh, []
     saved_key = restored.config.get("prng_key")
     if saved_key is not None and saved_key != key_json:
         raise ValueError(
@@ -177,7 +392,43 @@ def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json) 
         )
     params, ema = jax.tree.map(jnp.asarray, restored.weights)
     opt_state = jax.tree.map(jnp.asarray, restored.optimiser)
-    return TrainState(params, ema, opt_state, jnp.asarray(latest))
+    return TrainState(params, ema, opt_state, jnp.asarray(latest)), failures
+
+
+def _check_not_past(start: int, steps: int, checkpoint_dir) -> None:
+    """Refuse to resume from a checkpoint past `steps`: returning its model would
+    hide that this call trained nothing and that `steps` was not what ran.
+
+    **Raises:** `ValueError` naming the checkpoint's step and the ways on.
+    """
+    if start > steps:
+        raise ValueError(
+            f"checkpoint_dir {checkpoint_dir} holds step {start}, past steps={steps}: pass "
+            f"steps >= {start} to continue, load it with jf.load_checkpoint, or use a new "
+            "checkpoint_dir."
+        )
+
+
+def _set_aside(manager, checkpoint_dir, failures, start: int) -> None:
+    """Rename the step folders that did not restore (all newer than `start`, the
+    step resumed from) to `<step>.unrestorable`, and warn naming them. Moved, not
+    deleted: a failed read may be passing (a network file system), and the files
+    are the user's. Needed: orbax skips, silently, the save of a step at or before
+    its latest, so a damaged newer step would stop this run from checkpointing."""
+    moved = []
+    for step, _ in failures:
+        path = os.path.join(manager.directory, str(step))
+        target, n = f"{path}.unrestorable", 1
+        while os.path.exists(target):
+            target, n = f"{path}.unrestorable{n}", n + 1
+        os.rename(path, target)
+        moved.append(target)
+    manager.reload()
+    warnings.warn(
+        _fallback_message(checkpoint_dir, failures, start)
+        + f" Moved aside, so that this run writes those steps anew: {', '.join(moved)}.",
+        stacklevel=3,
+    )
 
 
 def _compile_step(loss_fn, static, optimiser, key, batch_size, ema_decay) -> Callable:
@@ -316,16 +567,22 @@ def train(
     - `model`: an `eqx.Module` (`jf.nn.MLP`, `jf.nn.UNet`, ...).
     - `loss_fn`: e.g. `lambda m, x, k: jf.flow_matching_loss(m, path, x, k)`.
     - `data`: `(N, n)` training points; batches are drawn with replacement.
-    - `steps`: total steps; a resumed run continues up to this number.
+    - `steps`: total steps; a resumed run continues up to this number. A checkpoint
+      at exactly `steps` (a finished run, rerun) is returned as it is, with no
+      losses; one past it raises.
     - `key`: step `i` uses `fold_in(key, i)` for its batch and its loss.
     - `optimiser`: an optax transformation (default Adam, learning rate 1e-3).
     - `batch_size`, `ema_decay`: minibatch size and EMA decay.
     - `chunk`: steps between host synchronisations: the progress report and the
       NaN check run after each chunk.
     - `checkpoint_dir`: if given, an orbax checkpoint is written every
-      `checkpoint_every` steps and at the end, and a run finds the latest one there
-      and resumes from it.
-    - `config`: a JSON-able dict saved with each checkpoint (the run's settings).
+      `checkpoint_every` steps and at the end (the last two are kept), and a run
+      resumes from the newest one there that restores: a damaged, empty or non-finite
+      newer one is skipped with a warning naming it and its error, and renamed to
+      `<step>.unrestorable` so that the run can write that step anew.
+    - `config`: a JSON-able dict saved with each checkpoint (the run's settings),
+      checked before the first step; `step` and `prng_key` are reserved (`train`
+      writes them).
     - `progress`: report the steps done and the loss after each chunk, on stderr: a
       tqdm bar with an ETA when tqdm is installed and stderr is a terminal, else a
       plain line a chunk (readable in logs and CI).
@@ -333,10 +590,13 @@ def train(
     **Returns:** a `TrainResult`; its `state` is the final `TrainState`, equal leaf
     for leaf to that of a run interrupted and resumed from a checkpoint.
 
-    **Raises:** `ValueError` for bad data or settings (`steps`, `batch_size`, `chunk`
-    and `checkpoint_every` must be positive ints), or when `checkpoint_dir` holds a
-    run started with another key; `FloatingPointError` when the loss is not finite,
-    leaving the last good checkpoint in place.
+    **Raises:** `ValueError`, before any step, for bad data or settings (`steps`,
+    `batch_size`, `chunk` and `checkpoint_every` must be positive ints; `config` a
+    JSON-able dict without the reserved keys; `checkpoint_dir` a writable
+    directory), or when `checkpoint_dir` holds a run started with another key, a
+    model of other shapes, another optimiser's state, a step past `steps`, or no
+    checkpoint that restores (each step and its error named); `FloatingPointError`
+    when the loss is not finite, leaving the last good checkpoint in place.
     """
     data, steps, batch_size, chunk, checkpoint_every = _check_arguments(
         model, loss_fn, data, key, steps, batch_size, chunk, checkpoint_every, ema_decay
@@ -344,9 +604,15 @@ def train(
     optimiser = optax.adam(1e-3) if optimiser is None else optimiser
     params, static = eqx.partition(model, eqx.is_array)
     key_json = _key_json(key)
-    config = dict(config or {}, prng_key=key_json)
-    ocp, manager = (None, None) if checkpoint_dir is None else _checkpoint_manager(checkpoint_dir)
-    state = _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json)
+    config = dict(_check_config(config), prng_key=key_json)
+    ocp, manager = None, None
+    if checkpoint_dir is not None:
+        _check_checkpoint_dir(checkpoint_dir)
+        ocp, manager = _checkpoint_manager(checkpoint_dir)
+    state, failures = _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json)
+    _check_not_past(int(state.step), steps, checkpoint_dir)
+    if failures:
+        _set_aside(manager, checkpoint_dir, failures, int(state.step))
     step_fn = _compile_step(loss_fn, static, optimiser, key, batch_size, ema_decay)
 
     losses = []
@@ -373,7 +639,9 @@ def train(
 
 
 def load_checkpoint(directory: str, model: eqx.Module) -> tuple[eqx.Module, eqx.Module, int, dict]:
-    """Read the latest checkpoint that `train` wrote in `directory`.
+    """Read the newest checkpoint that `train` wrote in `directory` and that
+    restores: a damaged, empty or non-finite newer one is skipped with a warning
+    naming it and its error (and left in place: this function writes nothing).
 
     **Arguments:**
 
@@ -385,14 +653,19 @@ def load_checkpoint(directory: str, model: eqx.Module) -> tuple[eqx.Module, eqx.
     the step the checkpoint was written at, and the run's config (with `step` and
     `prng_key`).
 
-    **Raises:** `ValueError` when `directory` holds no checkpoint.
+    **Raises:** `ValueError` when `directory` is not a directory (it is not created),
+    holds no checkpoint or none that restores (each step and its error named), or
+    holds a model of other shapes than `model` (the first differing leaf named).
     """
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory: pass the checkpoint_dir given to train.")
     ocp, manager = _checkpoint_manager(directory)
-    latest = manager.latest_step()
+    params, static = eqx.partition(model, eqx.is_array)
+    latest, restored, failures = _restore_newest(ocp, manager, directory, (params, params))
     if latest is None:
         raise ValueError(f"no checkpoint in {directory}.")
-    params, static = eqx.partition(model, eqx.is_array)
-    restored = _restore(ocp, manager, latest, (params, params))
+    if failures:
+        warnings.warn(_fallback_message(directory, failures, latest), stacklevel=2)
     params, ema = restored.weights
     return (
         eqx.combine(params, static),

@@ -2,7 +2,11 @@
 non-finite loss)."""
 
 import io
+import os
+import re
+import shutil
 import sys
+import warnings
 
 import equinox as eqx
 import jax
@@ -12,6 +16,7 @@ import optax
 import pytest
 
 import jaxflow as jf
+from jaxflow import _train
 from jaxflow._train import _Progress
 
 PATH = jf.RectifiedFlow()
@@ -148,6 +153,260 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_pat
     assert step == 40
     for a, b in zip(_leaves(kept), _leaves(good.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# Recovery from damaged checkpoints: a straight run of 20 steps checkpointed at 10 and
+# 20, copied and damaged by each test. Each train call compiles a step (about a
+# second), so only one test runs steps; the others resume at the step they ask for.
+_RUN20 = dict(key=jax.random.PRNGKey(6), chunk=10, checkpoint_every=10, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def run20(setup, tmp_path_factory):
+    """`(directory, the weights and EMA at step 10, the run)`."""
+    data, model = setup
+    directory = str(tmp_path_factory.mktemp("run20"))
+    run = jf.train(model, _loss, data, steps=20, checkpoint_dir=directory, progress=False, **_RUN20)
+    assert sorted(os.listdir(directory)) == ["10", "20"]
+    shutil.copytree(directory, directory + "_at10", ignore=shutil.ignore_patterns("20"))
+    m, ema, _, _ = jf.load_checkpoint(directory + "_at10", model)
+    return directory, (_leaves(m), _leaves(ema)), run
+
+
+def _assert_same_state(a, b):
+    (a, a_def), (b, b_def) = jax.tree.flatten(a), jax.tree.flatten(b)
+    assert a_def == b_def
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _copy(run20, tmp_path):
+    directory = str(tmp_path / "ckpt")
+    shutil.copytree(run20[0], directory)
+    return directory
+
+
+# orbax, failing one read, leaves its other reads' coroutines to be reported as
+# unraisable when collected: noise on stderr, not an error that reaches the caller
+_ORBAX_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _truncate_arrays(directory, _):
+    # orbax writes the arrays into OCDBT files under ocdbt.process_0/d
+    data_dir = os.path.join(directory, "20", "weights", "ocdbt.process_0", "d")
+    for name in os.listdir(data_dir):
+        with open(os.path.join(data_dir, name), "r+b") as f:
+            f.truncate(5)
+
+
+def _garbage_config(directory, _):
+    with open(os.path.join(directory, "20", "config", "metadata"), "w") as f:
+        f.write("{not json")
+
+
+def _delete_metadata(directory, _):
+    os.remove(os.path.join(directory, "20", "weights", "_METADATA"))
+
+
+def _empty_folder(directory, _):
+    shutil.rmtree(os.path.join(directory, "20"))
+    os.mkdir(os.path.join(directory, "20"))
+
+
+def _nan_weights(directory, run20):
+    """Step 20 rewritten, intact, with NaN weights."""
+    ocp, manager = _train._checkpoint_manager(directory)
+    manager.delete(20)
+    state = run20[2].state
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params)
+    config = dict(prng_key=np.asarray(_RUN20["key"]).tolist())
+    _train._save(ocp, manager, jf.TrainState(nan, state.ema, state.opt_state, state.step), config)
+
+
+def _no_jaxflow_warning(fn, *args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    assert not [w for w in caught if "jaxflow" in str(w.message)]
+    return out
+
+
+@_ORBAX_NOISE
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate_arrays, _garbage_config, _delete_metadata, _empty_folder, _nan_weights],
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(setup, run20, tmp_path, damage):
+    """Step 20 damaged: load_checkpoint warns and reads step 10, leaving the files;
+    train warns, moves step 20 aside and resumes from step 10 (asked for 10 steps,
+    it returns step 10's weights and EMA with no losses)."""
+    data, model = setup
+    directory = _copy(run20, tmp_path)
+    damage(directory, run20)
+    with pytest.warns(UserWarning, match="step 20 does not restore .*; using step 10"):
+        m, ema, step, _ = jf.load_checkpoint(directory, model)
+    assert step == 10 and sorted(os.listdir(directory)) == ["10", "20"]
+    _assert_same_state((_leaves(m), _leaves(ema)), run20[1])
+    with pytest.warns(UserWarning, match="step 20 does not restore .*using step 10.*unrestorable"):
+        resumed = jf.train(
+            model, _loss, data, steps=10, checkpoint_dir=directory, progress=False, **_RUN20
+        )
+    assert sorted(os.listdir(directory)) == ["10", "20.unrestorable"]
+    assert resumed.step == 10 and resumed.losses.shape == (0,)
+    _assert_same_state((_leaves(resumed.model), _leaves(resumed.ema)), run20[1])
+
+
+@_ORBAX_NOISE
+def test_a_run_resumed_past_a_damaged_checkpoint_equals_an_undamaged_one(setup, run20, tmp_path):
+    """Step 20 truncated: the run resumed from step 10 ends in the state of the
+    straight run, leaf for leaf, and writes a step 20 that loads without a warning."""
+    data, model = setup
+    directory = _copy(run20, tmp_path)
+    _truncate_arrays(directory, run20)
+    with pytest.warns(UserWarning, match="step 20 does not restore"):
+        resumed = jf.train(
+            model, _loss, data, steps=20, checkpoint_dir=directory, progress=False, **_RUN20
+        )
+    np.testing.assert_array_equal(resumed.losses, run20[2].losses[10:])
+    _assert_same_state(resumed.state, run20[2].state)
+    m, _, step, _ = _no_jaxflow_warning(jf.load_checkpoint, directory, model)
+    assert step == 20
+    _assert_same_state(eqx.filter(m, eqx.is_array), run20[2].state.params)
+
+
+def test_a_stray_empty_step_folder_does_not_block(setup, run20, tmp_path):
+    """`mkdir ckpt/40` beside a finished 20-step run: skipped with a warning, moved
+    aside, and the run (at step 20 already) returned as it is, with no losses."""
+    data, model = setup
+    directory = _copy(run20, tmp_path)
+    os.mkdir(os.path.join(directory, "40"))
+    with pytest.warns(UserWarning, match="step 40 does not restore .*using step 20"):
+        done = jf.train(
+            model, _loss, data, steps=20, checkpoint_dir=directory, progress=False, **_RUN20
+        )
+    assert done.step == 20 and done.losses.shape == (0,)
+    assert sorted(os.listdir(directory)) == ["10", "20", "40.unrestorable"]
+    _assert_same_state(done.state, run20[2].state)
+
+
+def test_no_step_restores_raises_naming_each(setup, run20, tmp_path):
+    """Every step damaged: a ValueError naming the directory, each step and its
+    cause, from train and load_checkpoint alike; nothing is moved."""
+    data, model = setup
+    directory = _copy(run20, tmp_path)
+    _empty_folder(directory, None)
+    with open(os.path.join(directory, "10", "config", "metadata"), "w") as f:
+        f.write("")
+    match = (
+        f"no checkpoint in {re.escape(directory)} restores \\(steps 20, 10 tried.*"
+        "step 20: FileNotFoundError.*step 10: JSONDecodeError"
+    )
+    with pytest.raises(ValueError, match=match):
+        jf.train(model, _loss, data, steps=30, checkpoint_dir=directory, progress=False, **_RUN20)
+    with pytest.raises(ValueError, match=match):
+        jf.load_checkpoint(directory, model)
+    assert sorted(os.listdir(directory)) == ["10", "20"]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            dict(width=16),
+            "holds a model whose leaf `layers\\[0\\].weight` is of shape \\(32, 34\\); "
+            "this model's is of shape \\(16, 34\\): pass the same architecture",
+        ),
+        (
+            dict(optimiser=optax.sgd(1e-3)),
+            "holds an optimiser state with a leaf `\\[0\\].count` that this optimiser's "
+            "state lacks: pass the optimiser that run was started with",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_model_or_optimiser_raises(setup, run20, change, match):
+    """Another width or optimiser: a ValueError naming the first differing leaf,
+    not orbax's advice and not a fall back to an older step (which shares it)."""
+    data, model = setup
+    if "width" in change:
+        model = jf.nn.MLP(2, change["width"], 2, key=jax.random.PRNGKey(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        with pytest.raises(ValueError, match=match):
+            jf.train(
+                model,
+                _loss,
+                data,
+                steps=30,
+                optimiser=change.get("optimiser"),
+                checkpoint_dir=run20[0],
+                progress=False,
+                **_RUN20,
+            )
+        if "width" in change:
+            with pytest.raises(ValueError, match=match):
+                jf.load_checkpoint(run20[0], model)
+    assert sorted(os.listdir(run20[0])) == ["10", "20"]
+
+
+def test_fewer_steps_than_the_checkpoint(setup, run20, tmp_path):
+    """steps below the checkpoint's raises; equal to it returns it, with no losses."""
+    data, model = setup
+    kwargs = dict(checkpoint_dir=_copy(run20, tmp_path), progress=False, **_RUN20)
+    with pytest.raises(ValueError, match="holds step 20, past steps=5: pass steps >= 20"):
+        jf.train(model, _loss, data, steps=5, **kwargs)
+    done = jf.train(model, _loss, data, steps=20, **kwargs)
+    assert done.step == 20 and done.losses.shape == (0,)
+    _assert_same_state(done.state, run20[2].state)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(lr=np.float32(1e-3)), "config\\['lr'\\] \\(a float32\\) is not JSON"),
+        (dict(opt=dict(betas=jnp.ones(2))), "config\\['opt'\\] \\(a dict\\) is not JSON"),
+        (dict(step=3), "reserved key\\(s\\) \\['step'\\]"),
+        (dict(prng_key=[0, 1]), "reserved key\\(s\\) \\['prng_key'\\]"),
+        ({1: 2}, "config keys must be strings, got 1"),
+    ],
+)
+def test_a_bad_config_raises_before_any_step(setup, tmp_path, monkeypatch, config, match):
+    """Checked before anything runs or is written (not at the first save)."""
+    data, model = setup
+
+    def no_step(*args):
+        raise AssertionError("a step ran")
+
+    monkeypatch.setattr(_train, "_run_chunk", no_step)
+    directory = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=match):
+        jf.train(
+            model,
+            _loss,
+            data,
+            steps=10,
+            key=jax.random.PRNGKey(0),
+            config=config,
+            checkpoint_dir=str(directory),
+            progress=False,
+        )
+    assert not directory.exists()
+
+
+def test_a_directory_that_cannot_hold_checkpoints_raises(setup, tmp_path, monkeypatch):
+    """checkpoint_dir a file, or under one, raises before any step;
+    load_checkpoint on a missing directory raises and does not create it."""
+    data, model = setup
+    monkeypatch.setattr(_train, "_run_chunk", lambda *a: pytest.fail("a step ran"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    kwargs = dict(steps=10, key=jax.random.PRNGKey(0), progress=False)
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        jf.train(model, _loss, data, checkpoint_dir=str(a_file), **kwargs)
+    with pytest.raises(ValueError, match="cannot be written \\(Not a directory\\)"):
+        jf.train(model, _loss, data, checkpoint_dir=str(a_file / "ckpt"), **kwargs)
+    with pytest.raises(ValueError, match="is not a directory: pass the checkpoint_dir"):
+        jf.load_checkpoint(str(tmp_path / "missing"), model)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_bad_input_raises(setup):
