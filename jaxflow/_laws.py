@@ -7,6 +7,11 @@ Every law answers, for `X_t = alpha X + sigma Z`:
 - `marginal_log_prob(x, alpha, sigma)`: `log p_t(x)`.
 
 All densities stay in log space: they underflow for `n` in the hundreds.
+
+A law's arrays share one floating dtype, the result type of its inputs (integers
+become the default float). Its parameters are checked in that dtype, once, at
+construction: a `ValueError` for concrete values, `eqx.error_if` on the stored arrays
+for values traced under `jit` or `vmap`, with the same message.
 """
 
 import abc
@@ -16,10 +21,19 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from ._misc import as_float_array, check_positive, check_spd, check_weights, is_concrete
+from ._misc import (
+    array_namespace,
+    as_float_array,
+    check,
+    check_nonempty,
+    check_positive,
+    check_spd,
+    check_weights,
+    float_dtype,
+    given_eps,
+)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -55,6 +69,11 @@ class AbstractLaw(eqx.Module):
     closed_form_divergence: eqx.AbstractClassVar[bool]
     """Whether `velocity_divergence` has a closed form for this law."""
 
+    has_density: eqx.AbstractClassVar[bool]
+    """Whether the law has a density. One without (a Dirac mixture) has a score
+    `(alpha D - x) / sigma^2` that is infinite where `sigma = 0`: the PF-ODE
+    velocity is singular at the data end."""
+
     @abc.abstractmethod
     def velocity_divergence(
         self,
@@ -68,8 +87,21 @@ class AbstractLaw(eqx.Module):
         form; raises `NotImplementedError` where `closed_form_divergence` is False."""
 
 
-def _covariance_spectrum(covariances, k, n, name):
-    """Eigen-decompose covariances once: `S_k = V_k diag(lam_k) V_k^T`.
+def _point(law: AbstractLaw, x):
+    """One point `(n,)` of the law's dimension, as an array (a static check: shapes
+    are known under `jit`)."""
+    x = jnp.asarray(x)
+    if x.shape != (law.dim,):
+        raise ValueError(
+            f"{type(law).__name__} takes one point of shape ({law.dim},), got shape "
+            f"{x.shape}; batch with jax.vmap."
+        )
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
+
+
+def _covariance_spectrum(covariances, k, n, name, eps):
+    """Eigen-decompose covariances once, `S_k = V_k diag(lam_k) V_k^T`, and check the
+    spectrum the law will use (`check_spd`, `check_positive`).
 
     Accepts isotropic `(K,)`, diagonal `(K, n)` or full `(K, n, n)`. Returns
     `(V or None, lam)`; `V is None` means the standard basis.
@@ -79,24 +111,19 @@ def _covariance_spectrum(covariances, k, n, name):
             raise ValueError(
                 f"{name}: isotropic variances need shape ({k},), got {covariances.shape}."
             )
-        check_positive(f"{name} (isotropic variances)", covariances)
+        covariances = check_positive(f"{name} (isotropic variances)", covariances)
         return None, jnp.broadcast_to(covariances[:, None], (k, n))
     if covariances.ndim == 2:
         if covariances.shape != (k, n):
             raise ValueError(
                 f"{name}: diagonal variances need shape ({k}, {n}), got {covariances.shape}."
             )
-        check_positive(f"{name} (diagonal variances)", covariances)
-        return None, covariances
+        return None, check_positive(f"{name} (diagonal variances)", covariances)
     if covariances.shape != (k, n, n):
         raise ValueError(
             f"{name}: full covariances need shape ({k}, {n}, {n}), got {covariances.shape}."
         )
-    if is_concrete(covariances):
-        check_spd(name, covariances)
-    sym = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
-    lam, vec = jnp.linalg.eigh(sym)
-    return vec, lam
+    return check_spd(name, covariances, eps)
 
 
 def _mixture_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma):
@@ -111,7 +138,17 @@ def _mixture_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma):
     yc = y / c
     n = x.shape[-1]
     log_n = -0.5 * (n * _LOG_2PI + jnp.sum(jnp.log(c), -1) + jnp.sum(y * yc, -1))
-    return log_weights + log_n, yc
+    return log_weights + log_n, y, yc, c
+
+
+def _responsibilities(logits, *per_component):
+    """`softmax(logits)`, and the per-component arrays with the rows of components of
+    zero responsibility set to 0: those may lie so far from `x` that their terms
+    overflowed, and `0 * inf` would make the sums NaN. A single component has
+    responsibility 1 even where its density underflows (softmax would give NaN)."""
+    r = jnp.ones_like(logits) if logits.shape[0] == 1 else jax.nn.softmax(logits)
+    keep = (r > 0)[:, None]
+    return (r,) + tuple(jnp.where(keep, v, 0.0) for v in per_component)
 
 
 def _to_standard_basis(eigvecs, v):
@@ -127,6 +164,10 @@ class GaussianMixture(AbstractLaw):
     - `means`: `(K, n)`.
     - `covariances`: full `(K, n, n)` symmetric positive definite, diagonal `(K, n)`
       or isotropic `(K,)` variances.
+
+    All are stored in one floating dtype, the result type of the three; a full
+    covariance must not be numerically singular in it (smallest eigenvalue above
+    `n eps` times the largest), variances must be normal numbers.
     """
 
     weights: Float[Array, " K"]
@@ -135,22 +176,27 @@ class GaussianMixture(AbstractLaw):
     eigvals: Float[Array, "K n"]
 
     closed_form_divergence: ClassVar[bool] = True
+    has_density: ClassVar[bool] = True
 
     def __init__(self, weights, means, covariances):
-        means = as_float_array("GaussianMixture means", means, ndim=2)
+        dtype = float_dtype(weights, means, covariances)
+        w_eps, cov_eps = given_eps(weights), given_eps(covariances)
+        means = as_float_array("GaussianMixture means", means, ndim=2, dtype=dtype)
         k, n = means.shape
-        weights = as_float_array("GaussianMixture weights", weights, ndim=1)
+        check_nonempty("GaussianMixture", k, n)
+        weights = as_float_array("GaussianMixture weights", weights, ndim=1, dtype=dtype)
         if weights.shape != (k,):
             raise ValueError(
                 f"GaussianMixture: weights have shape {weights.shape} but means have "
                 f"{k} rows; pass one weight per component."
             )
-        check_weights("GaussianMixture weights", weights)
-        covariances = as_float_array("GaussianMixture covariances", covariances, ndim=(1, 2, 3))
-        self.weights = weights
+        covariances = as_float_array(
+            "GaussianMixture covariances", covariances, ndim=(1, 2, 3), dtype=dtype
+        )
+        self.weights = check_weights("GaussianMixture weights", weights, w_eps)
         self.means = means
         self.eigvecs, self.eigvals = _covariance_spectrum(
-            covariances, k, n, "GaussianMixture covariances"
+            covariances, k, n, "GaussianMixture covariances", cov_eps
         )
 
     @property
@@ -166,22 +212,26 @@ class GaussianMixture(AbstractLaw):
 
     def _components(self, x, alpha, sigma):
         """Responsibilities `r_k` and per-component scores `s_k` and denoisers `D_k`."""
-        logits, yc = _mixture_terms(
+        logits, y, yc, c = _mixture_terms(
             jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
         )
         score_k = -_to_standard_basis(self.eigvecs, yc)  # (K, n)
-        # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k)
-        d_k = self.means + alpha * _to_standard_basis(self.eigvecs, self.eigvals * yc)
-        return jax.nn.softmax(logits), score_k, d_k
+        # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k), with the gain
+        # alpha lam / c <= 1 / alpha formed first: lam * yc overflows where c is tiny.
+        gain = alpha * self.eigvals / c
+        d_k = self.means + _to_standard_basis(self.eigvecs, gain * y)
+        return _responsibilities(logits, score_k, d_k)
 
     def posterior(self, x, alpha, sigma):
+        x = _point(self, x)
         r, score_k, d_k = self._components(x, alpha, sigma)
         return r @ d_k, r @ score_k
 
     def marginal_log_prob(self, x, alpha, sigma):
-        logits, _ = _mixture_terms(
+        x = _point(self, x)
+        logits = _mixture_terms(
             jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
-        )
+        )[0]
         return jax.nn.logsumexp(logits)
 
     def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
@@ -193,6 +243,7 @@ class GaussianMixture(AbstractLaw):
         move with `grad r_k = r_k (s_k - s)`, so
         `div v = sum_k r_k tr A_k + sum_k r_k (s_k - s) . v_k`.
         """
+        x = _point(self, x)
         r, score_k, d_k = self._components(x, alpha, sigma)
         c = alpha**2 * self.eigvals + sigma**2
         trace = jnp.sum((alpha * d_alpha * self.eigvals + sigma_d_sigma) / c, -1)
@@ -201,6 +252,7 @@ class GaussianMixture(AbstractLaw):
         return r @ trace + jnp.sum(r * jnp.sum((score_k - score) * v_k, -1))
 
     def log_prob(self, x):
+        x = _point(self, x)
         return self.marginal_log_prob(x, 1.0, 0.0)
 
     def sample(self, key, shape=()):
@@ -223,16 +275,22 @@ class Gaussian(AbstractLaw):
 
     - `mean`: `(n,)`.
     - `covariance`: full `(n, n)` SPD, diagonal `(n,)`, or a positive scalar.
+
+    Both are stored in one floating dtype, their result type, and checked as
+    `GaussianMixture`'s.
     """
 
     mixture: GaussianMixture
 
     closed_form_divergence: ClassVar[bool] = True
+    has_density: ClassVar[bool] = True
 
     def __init__(self, mean, covariance):
-        mean = as_float_array("Gaussian mean", mean, ndim=1)
-        covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2))
+        dtype = float_dtype(mean, covariance)
+        mean = as_float_array("Gaussian mean", mean, ndim=1, dtype=dtype)
+        covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2), dtype=dtype)
         n = mean.shape[0]
+        check_nonempty("Gaussian", 1, n)
         if covariance.ndim == 1 and covariance.shape != (n,):
             raise ValueError(
                 f"Gaussian: diagonal covariance needs shape ({n},), got {covariance.shape}."
@@ -291,53 +349,68 @@ class Empirical(AbstractLaw):
 
     - `points`: `(N, n)`.
     - `weights`: `(N,)` positive, summing to one; uniform when `None`.
+
+    Both are stored in one floating dtype, the result type of the two. The law has no
+    density and no score at `sigma = 0` (the data end): ask at `sigma > 0`.
     """
 
     points: Float[Array, "N n"]
     weights: Float[Array, " N"]
 
     closed_form_divergence: ClassVar[bool] = False
+    has_density: ClassVar[bool] = False
 
     def __init__(self, points, weights=None):
-        points = as_float_array("Empirical points", points, ndim=2)
+        dtype = float_dtype(points, weights)
+        w_eps = given_eps(weights)
+        points = as_float_array("Empirical points", points, ndim=2, dtype=dtype)
+        check_nonempty("Empirical", *points.shape, item="point")
         if weights is None:
-            weights = jnp.full(points.shape[0], 1.0 / points.shape[0], points.dtype)
-        weights = as_float_array("Empirical weights", weights, ndim=1)
+            weights = jnp.full(points.shape[0], 1.0 / points.shape[0], dtype)
+        weights = as_float_array("Empirical weights", weights, ndim=1, dtype=dtype)
         if weights.shape != points.shape[:1]:
             raise ValueError(
                 f"Empirical: weights have shape {weights.shape} but there are "
                 f"{points.shape[0]} points; pass one weight per point."
             )
-        check_weights("Empirical weights", weights)
         self.points = points
-        self.weights = weights
+        self.weights = check_weights("Empirical weights", weights, w_eps)
 
     @property
     def dim(self) -> int:
         return self.points.shape[-1]
 
     def _logits(self, x, alpha, sigma):
+        """The logits less their common part `-min_i d_i^2 / (2 sigma^2)`, and that
+        part: measured from the nearest point, the nearest logit stays finite where
+        `d^2 / sigma^2` overflows (small `sigma`, float32) and softmax would give NaN."""
         d2 = jnp.sum((x[None, :] - alpha * self.points) ** 2, -1)
-        return jnp.log(self.weights) - 0.5 * d2 / sigma**2
+        d2_min = jnp.min(d2)
+        return jnp.log(self.weights) - 0.5 * (d2 - d2_min) / sigma**2, -0.5 * d2_min / sigma**2
 
     def posterior(self, x, alpha, sigma):
-        r = jax.nn.softmax(self._logits(x, alpha, sigma))
-        d = r @ self.points
+        x = _point(self, x)
+        r, d_k = _responsibilities(self._logits(x, alpha, sigma)[0], self.points)
+        d = r @ d_k
         return d, (alpha * d - x) / sigma**2
 
     def marginal_log_prob(self, x, alpha, sigma):
+        x = _point(self, x)
+        # a Dirac mixture has no density: log p_t is -inf or +inf at sigma = 0
+        x = check(x, ~(jnp.asarray(sigma) > 0), "Empirical.marginal_log_prob needs sigma > 0.")
         n = self.dim
-        return jax.nn.logsumexp(self._logits(x, alpha, sigma)) - 0.5 * n * (
-            _LOG_2PI + 2 * jnp.log(sigma)
-        )
+        logits, common = self._logits(x, alpha, sigma)
+        return jax.nn.logsumexp(logits) + common - 0.5 * n * (_LOG_2PI + 2 * jnp.log(sigma))
 
     def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
+        x = _point(self, x)
         raise NotImplementedError(
             f"{type(self).__name__} has no closed-form divergence; use the field's "
             "divergence with method='trace' or 'hutchinson'."
         )
 
     def log_prob(self, x):
+        x = _point(self, x)
         raise ValueError(
             "Empirical is a Dirac mixture and has no density; use "
             "marginal_log_prob(x, alpha, sigma) with sigma > 0."
@@ -369,8 +442,10 @@ def _box_posterior(x, lower, upper, alpha, tau, small):
     # Narrow interval (including alpha -> 0): expand around the midpoint; the
     # difference of CDFs below would cancel to nothing there.
     log_pdf_mid = -0.5 * (mid**2 + _LOG_2PI)
-    log_small = log_pdf_mid + width**2 * (mid**2 - 1) / 24.0 - jnp.log(tau)
-    kappa_small = mid - width**2 * mid / 12.0
+    # (width mid)^2, not width^2 mid^2: far from a box with tiny widths mid^2
+    # overflows while width is 0, and 0 * inf is NaN.
+    log_small = log_pdf_mid + ((width * mid) ** 2 - width**2) / 24.0 - jnp.log(tau)
+    kappa_small = mid - width * (width * mid) / 12.0
     # Wide interval: reflect into the left tail so log_ndtr keeps its digits.
     hi_s = jnp.where(is_small, mid + 1.0, hi)
     lo_s = jnp.where(is_small, mid - 1.0, lo)
@@ -378,7 +453,10 @@ def _box_posterior(x, lower, upper, alpha, tau, small):
     a = jnp.where(flip, -hi_s, lo_s)
     b = jnp.where(flip, -lo_s, hi_s)
     log_phi_b = jax.scipy.special.log_ndtr(b)
-    log_z = log_phi_b + _log1mexp(jax.scipy.special.log_ndtr(a) - log_phi_b)
+    # Far from the box (b^2 overflows, tiny widths) log Phi(b) = -inf and so is log Z;
+    # -inf - -inf would be NaN and poison the softmax over the components.
+    log_ratio = jax.scipy.special.log_ndtr(a) - log_phi_b
+    log_z = log_phi_b + _log1mexp(jnp.where(jnp.isneginf(log_phi_b), -jnp.inf, log_ratio))
     log_big = log_z - jnp.log(alpha * (upper - lower) + jnp.where(is_small, 1.0, 0.0))
     pdf_lo = jnp.exp(-0.5 * (lo_s**2 + _LOG_2PI) - log_z)
     pdf_hi = jnp.exp(-0.5 * (hi_s**2 + _LOG_2PI) - log_z)
@@ -402,6 +480,9 @@ class GaussianNeighbours(AbstractLaw):
     - `weights`: `(m,)` positive, summing to one.
     - `lower`, `upper`: `(m, n)` box corners with `lower < upper`.
     - `widths`: `(m,)` Gaussian widths `w_i > 0`.
+
+    All are stored in one floating dtype, the result type of the four, and checked in
+    it: `lower < upper` after rounding, `w_i^2` a normal, finite number.
     """
 
     weights: Float[Array, " m"]
@@ -410,13 +491,17 @@ class GaussianNeighbours(AbstractLaw):
     widths: Float[Array, " m"]
 
     closed_form_divergence: ClassVar[bool] = False
+    has_density: ClassVar[bool] = True
 
     def __init__(self, weights, lower, upper, widths):
-        lower = as_float_array("GaussianNeighbours lower", lower, ndim=2)
-        upper = as_float_array("GaussianNeighbours upper", upper, ndim=2)
-        weights = as_float_array("GaussianNeighbours weights", weights, ndim=1)
-        widths = as_float_array("GaussianNeighbours widths", widths, ndim=1)
+        dtype = float_dtype(weights, lower, upper, widths)
+        w_eps = given_eps(weights)
+        lower = as_float_array("GaussianNeighbours lower", lower, ndim=2, dtype=dtype)
+        upper = as_float_array("GaussianNeighbours upper", upper, ndim=2, dtype=dtype)
+        weights = as_float_array("GaussianNeighbours weights", weights, ndim=1, dtype=dtype)
+        widths = as_float_array("GaussianNeighbours widths", widths, ndim=1, dtype=dtype)
         m = lower.shape[0]
+        check_nonempty("GaussianNeighbours", m, lower.shape[1], item="box")
         if upper.shape != lower.shape:
             raise ValueError(
                 f"GaussianNeighbours: lower {lower.shape} and upper {upper.shape} "
@@ -427,13 +512,22 @@ class GaussianNeighbours(AbstractLaw):
                 f"GaussianNeighbours: weights {weights.shape} and widths {widths.shape} "
                 f"need shape ({m},), one per box."
             )
-        check_weights("GaussianNeighbours weights", weights)
-        check_positive("GaussianNeighbours widths", widths)
-        if is_concrete(lower, upper) and np.any(np.asarray(lower) >= np.asarray(upper)):
-            raise ValueError(
-                "GaussianNeighbours: every box needs lower < upper in each coordinate; "
-                "swap or widen the offending sides."
-            )
+        weights = check_weights("GaussianNeighbours weights", weights, w_eps)
+        # tau^2 = alpha^2 w^2 + sigma^2 is the whole variance at t = 0
+        widths = check_positive("GaussianNeighbours widths", widths, squared=True)
+        xp = array_namespace(lower, upper)
+        lo, hi = xp.asarray(lower), xp.asarray(upper)
+        upper = check(
+            upper,
+            ~(lo < hi),
+            f"GaussianNeighbours: every box needs lower < upper in each coordinate (in "
+            f"{dtype}); swap or widen the offending sides.",
+        )
+        upper = check(
+            upper,
+            ~xp.isfinite(hi - lo),
+            f"GaussianNeighbours: a box's side upper - lower overflows {dtype}; rescale the boxes.",
+        )
         self.weights, self.lower, self.upper, self.widths = weights, lower, upper, widths
 
     @property
@@ -449,8 +543,8 @@ class GaussianNeighbours(AbstractLaw):
         return jnp.log(self.weights) + jnp.sum(log_d, -1), kappa, tau
 
     def posterior(self, x, alpha, sigma):
+        x = _point(self, x)
         logits, kappa, tau = self._terms(x, alpha, sigma)
-        r = jax.nn.softmax(logits)
         score = -kappa / tau[:, None]
         # E[U | x, i] = (x - tau kappa) / alpha; written without dividing by a small alpha.
         lo = (x - alpha * self.upper) / tau[:, None]
@@ -465,19 +559,23 @@ class GaussianNeighbours(AbstractLaw):
             centre,
         )
         d = mean_u + (alpha * self.widths**2 / tau)[:, None] * kappa
+        r, d, score = _responsibilities(logits, d, score)
         return r @ d, r @ score
 
     def marginal_log_prob(self, x, alpha, sigma):
+        x = _point(self, x)
         logits, _, _ = self._terms(x, alpha, sigma)
         return jax.nn.logsumexp(logits)
 
     def velocity_divergence(self, x, alpha, sigma, d_alpha, sigma_d_sigma):
+        x = _point(self, x)
         raise NotImplementedError(
             f"{type(self).__name__} has no closed-form divergence; use the field's "
             "divergence with method='trace' or 'hutchinson'."
         )
 
     def log_prob(self, x):
+        x = _point(self, x)
         return self.marginal_log_prob(x, 1.0, 0.0)
 
     def sample(self, key, shape=()):

@@ -7,7 +7,9 @@ import abc
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
 
@@ -28,6 +30,20 @@ class AbstractPath(eqx.Module):
     def t_data(self) -> float:
         """The data end of the path (always 0)."""
         return 0.0
+
+    def _time(self, t):
+        """`t` as a floating array; times known outside `jit` must lie in `[t_data,
+        t_noise]`, where the coefficients are defined (traced times are checked by
+        the fields' public methods, not here: the solvers' inner loop calls these)."""
+        t = _as_time(t)
+        if not isinstance(t, jax.core.Tracer):
+            values = np.asarray(t)
+            if not np.all((values >= self.t_data) & (values <= self.t_noise)):
+                raise ValueError(
+                    f"{type(self).__name__} is defined on [{self.t_data}, {self.t_noise}], "
+                    f"got t = {values if values.ndim == 0 else values.tolist()}."
+                )
+        return t
 
     @abc.abstractmethod
     def alpha(self, t: Real[ArrayLike, "*t"]) -> Float[Array, "*t"]:
@@ -70,13 +86,31 @@ def _as_time(t):
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(float)
 
 
-def _check_scalar(name, value, lower=None, upper=None):
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite Python number, got {value!r}.")
+def _check_scalar(name, value, lower=None, upper=None) -> float:
+    """A path parameter as a Python float: a concrete, finite real number (a Python or
+    NumPy number or a 0-d array; not a bool).
+
+    A path's parameters are static: they fix its time span, which the solvers compare
+    in Python while tracing. A value traced under `jit` or `vmap` is refused here
+    rather than checked later with `eqx.error_if`, as it could not be stored.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be a concrete number, got a value traced under jit/vmap: a "
+            "path's parameters are static; build the path outside the transformation."
+        )
+    arr = np.asarray(value)
+    real = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    if arr.ndim != 0 or not real:
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    value = float(arr)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.")
     if lower is not None and not value > lower:
         raise ValueError(f"{name} must be > {lower}, got {value}.")
-    if upper is not None and not value < upper:
-        raise ValueError(f"{name} must be < {upper}, got {value}.")
+    if upper is not None and not value <= upper:
+        raise ValueError(f"{name} must be <= {upper:g}, got {value:g}.")
+    return value
 
 
 class RectifiedFlow(AbstractPath):
@@ -87,20 +121,28 @@ class RectifiedFlow(AbstractPath):
 
     t_noise: float = eqx.field(static=True, default=1.0)
 
+    def __check_init__(self):
+        # alpha = 1 - t is negative past t = 1: the span is not a parameter
+        if self.t_noise != 1.0:
+            raise ValueError(
+                f"RectifiedFlow runs on [0, 1]; its t_noise is 1, got {self.t_noise!r}. "
+                "Stop a solve early with generate(..., t_noise=...) instead."
+            )
+
     def alpha(self, t):
-        return 1.0 - jnp.asarray(t)
+        return 1.0 - self._time(t)
 
     def sigma(self, t):
-        return _as_time(t)
+        return self._time(t)
 
     def d_alpha(self, t):
-        return -jnp.ones_like(jnp.asarray(t, dtype=float))
+        return -jnp.ones_like(self._time(t))
 
     def d_sigma(self, t):
-        return jnp.ones_like(jnp.asarray(t, dtype=float))
+        return jnp.ones_like(self._time(t))
 
     def sigma_d_sigma(self, t):
-        return _as_time(t)
+        return self._time(t)
 
 
 class OrnsteinUhlenbeck(AbstractPath):
@@ -117,24 +159,27 @@ class OrnsteinUhlenbeck(AbstractPath):
 
     t_noise: float = eqx.field(static=True)
 
-    def __init__(self, T: float | int = 5.0):
-        _check_scalar("OrnsteinUhlenbeck T", T, lower=0.0)
-        self.t_noise = float(T)
+    def __init__(self, T: Real[ArrayLike, ""] = 5.0):
+        self.t_noise = _check_scalar("OrnsteinUhlenbeck T", T, lower=0.0)
 
     def alpha(self, t):
-        return jnp.exp(-jnp.asarray(t))
+        return jnp.exp(-self._time(t))
 
     def sigma(self, t):
-        return jnp.sqrt(-jnp.expm1(-2.0 * jnp.asarray(t)))
+        return jnp.sqrt(-jnp.expm1(-2.0 * self._time(t)))
 
     def d_alpha(self, t):
-        return -jnp.exp(-jnp.asarray(t))
+        return -jnp.exp(-self._time(t))
 
     def d_sigma(self, t):
-        return jnp.exp(-2.0 * jnp.asarray(t)) / self.sigma(t)
+        return jnp.exp(-2.0 * self._time(t)) / self.sigma(t)
 
     def sigma_d_sigma(self, t):
-        return jnp.exp(-2.0 * jnp.asarray(t))
+        return jnp.exp(-2.0 * self._time(t))
+
+    def drift_coefficient(self, t):
+        # exactly -1: alpha'/alpha is 0/0 once exp(-t) underflows (t > 87 in float32)
+        return -jnp.ones_like(self._time(t))
 
 
 class Cosine(AbstractPath):
@@ -146,7 +191,8 @@ class Cosine(AbstractPath):
 
     **Arguments:**
 
-    - `offset`: the small offset `d >= 0` (default 0.008). With `d = 0`,
+    - `offset`: the small offset `d >= 0` (default 0.008), at most `1e6` (beyond it
+      the schedule is its `d -> inf` limit, `alpha = 1 - t`, to `1e-12`). With `d = 0`,
       `alpha = cos(pi t / 2)`, `sigma = sin(pi t / 2)`: the variance-preserving
       stochastic interpolant (Albergo et al. 2023), whose `sigma'` stays finite at
       `t = 0` (it is `~ 1 / sqrt(t)` for `d > 0`).
@@ -155,35 +201,42 @@ class Cosine(AbstractPath):
     offset: float = eqx.field(static=True)
     t_noise: float = eqx.field(static=True, default=1.0)
 
-    def __init__(self, offset: float | int = 0.008):
-        _check_scalar("Cosine offset", offset)
+    def __init__(self, offset: Real[ArrayLike, ""] = 0.008):
+        offset = _check_scalar("Cosine offset", offset, upper=1e6)
         if offset < 0:
             raise ValueError(f"Cosine offset must be >= 0, got {offset}.")
-        self.offset = float(offset)
+        self.offset = offset
 
-    def _theta(self, t):
-        return 0.5 * jnp.pi * (jnp.asarray(t) + self.offset) / (1.0 + self.offset)
+    @property
+    def _k(self) -> float:
+        """`k = (pi/2) / (1 + d)`: `theta(t) = pi/2 - k (1 - t)` and `theta(0) = pi/2 - k`.
+
+        The coefficients below are written with angles that are multiples of `k`,
+        formed without cancelling: `cos(theta(1))`, the cosine of `pi/2` rounded, is
+        `-4e-8` in float32 (a negative `alpha(1)`), and `theta(t) - theta(0)` loses the
+        digits of small `t` or of a large `d`.
+        """
+        return 0.5 * math.pi / (1.0 + self.offset)
 
     def alpha(self, t):
-        return jnp.cos(self._theta(t)) / math.cos(0.5 * math.pi * self.offset / (1 + self.offset))
+        k = self._k
+        return jnp.sin(k * (1.0 - self._time(t))) / math.sin(k)
 
     def sigma(self, t):
-        # 1 - alpha^2 loses all digits near t = 0; write it as a difference of sines.
-        c0 = math.cos(0.5 * math.pi * self.offset / (1 + self.offset))
-        th = self._theta(t)
-        th0 = 0.5 * math.pi * self.offset / (1 + self.offset)
-        # cos^2 th0 - cos^2 th = sin(th - th0) sin(th + th0)
-        return jnp.sqrt(jnp.maximum(jnp.sin(th - th0) * jnp.sin(th + th0), 0.0)) / c0
+        # sigma^2 sin^2 k = cos^2 theta(0) - cos^2 theta(t) = sin(k t) sin(k (t + 2d)),
+        # and sin(k (t + 2d)) = sin(k (2 - t)): take the angle that stays away from pi.
+        k, t = self._k, self._time(t)
+        second = k * (t + 2.0 * self.offset) if self.offset < 1.0 else k * (2.0 - t)
+        return jnp.sqrt(jnp.maximum(jnp.sin(k * t) * jnp.sin(second), 0.0)) / math.sin(k)
 
     def d_alpha(self, t):
-        c0 = math.cos(0.5 * math.pi * self.offset / (1 + self.offset))
-        dtheta = 0.5 * math.pi / (1.0 + self.offset)
-        return -jnp.sin(self._theta(t)) * dtheta / c0
+        k = self._k
+        return -k * jnp.cos(k * (1.0 - self._time(t))) / math.sin(k)
 
     def d_sigma(self, t):
         if self.offset == 0.0:
-            # sigma = sin(theta): the quotient below is 0 / 0 at t = 0
-            return 0.5 * jnp.pi * jnp.cos(self._theta(t))
+            # sigma = sin(k t): the quotient below is 0 / 0 at t = 0
+            return self._k * jnp.cos(self._k * self._time(t))
         return self.sigma_d_sigma(t) / self.sigma(t)
 
     def sigma_d_sigma(self, t):
