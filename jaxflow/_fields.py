@@ -31,9 +31,58 @@ def velocity_from_posterior(path: AbstractPath, d, s, x, t):
     return da * d - ssd * s
 
 
-def _check_time(path: AbstractPath, x, t):
-    x = check_time_in_range(path, x, t)
+def check_point(field: "AbstractVelocityField", x, t):
+    """The public methods' inputs: one point `(n,)` of a floating dtype and a scalar
+    time (a `ValueError`, as shapes are known under `jit` too), inside the path's
+    range and finite (`eqx.error_if`). Returns `x` as a floating array."""
+    x = jnp.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(
+            f"x must be one point of shape (n,), got shape {x.shape}; batch with "
+            "jax.vmap(lambda x: field.velocity(x, t))(xs)."
+        )
+    if field.dim is not None and x.shape[0] != field.dim:
+        raise ValueError(f"x has length {x.shape[0]}, the field's law has n = {field.dim}.")
+    if jnp.ndim(t) != 0:
+        raise ValueError(
+            f"t must be a scalar time, got shape {jnp.shape(t)}; for several times use "
+            "jax.vmap(lambda t: field.velocity(x, t))(ts)."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    x = check_time_in_range(field.path, x, t)
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), "x contains NaN or inf.")
+
+
+def check_result(value, method: str):
+    """A public method's answer: `eqx.error_if` where it is NaN or inf (the input
+    was checked, so the field is singular there)."""
+    return eqx.error_if(
+        value,
+        ~jnp.all(jnp.isfinite(value)),
+        f"field.{method}: the result is NaN or inf at this (x, t): the field is "
+        "singular there (an Empirical law's score at t = 0, a noise-predicting "
+        "network where alpha(t) = 0, a score where sigma(t) = 0, the reverse drift "
+        "where alpha(t) = 0); evaluate it inside the span.",
+    )
+
+
+def known_value(value) -> float | None:
+    """`value` as a Python float where it is known outside `jit` (a path whose
+    parameters are traced, e.g. under `eqx.filter_jit`, gives traced
+    coefficients), else `None`."""
+    return None if isinstance(value, jax.core.Tracer) else float(value)
+
+
+def check_output(name: str, out, x):
+    """A network's answer at `x`: an array of `x`'s shape, in `x`'s dtype."""
+    out = jnp.asarray(out)
+    if out.shape != x.shape:
+        raise ValueError(
+            f"{name}'s network returned shape {out.shape} for a point of shape "
+            f"{x.shape}; a field's network maps a point (n,) and a time to (n,)."
+        )
+    return out.astype(x.dtype)
 
 
 class AbstractVelocityField(eqx.Module):
@@ -61,9 +110,17 @@ class AbstractVelocityField(eqx.Module):
     ) -> Float[Array, " n"]:
         """`v(x, t)` without the input checks."""
 
+    def singularity(self, t: float) -> str | None:
+        """Why the velocity is infinite or undefined at the time `t` (a Python
+        float), or `None` where it is finite or not known to be singular.
+
+        The solvers name this cause when a solve that ends at `t` fails.
+        """
+        return None
+
     def velocity(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """PF-ODE velocity `v(x, t) = alpha' D + sigma' Zhat` (paper 000 eq. 1 for RF)."""
-        return self.velocity_unchecked(_check_time(self.path, x, t), t)
+        return check_result(self.velocity_unchecked(check_point(self, x, t), t), "velocity")
 
     def divergence(
         self,
@@ -82,8 +139,8 @@ class AbstractVelocityField(eqx.Module):
           from `key`), or `'auto'`: Hutchinson when a `key` is given, else the
           closed form where the law has one, else the trace.
         """
-        x = _check_time(self.path, x, t)
-        return divergence(self, x, t, key, method)
+        x = check_point(self, x, t)
+        return check_result(divergence(self, x, t, key, method), "divergence")
 
 
 class AbstractField(AbstractVelocityField):
@@ -118,11 +175,11 @@ class AbstractField(AbstractVelocityField):
 
     def denoise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Denoiser `D(x, t) = E[X | X_t = x]`."""
-        return self.denoise_and_score(_check_time(self.path, x, t), t)[0]
+        return check_result(self.denoise_and_score(check_point(self, x, t), t)[0], "denoise")
 
     def score(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Score `s(x, t) = grad log p_t(x)`."""
-        return self.denoise_and_score(_check_time(self.path, x, t), t)[1]
+        return check_result(self.denoise_and_score(check_point(self, x, t), t)[1], "score")
 
     def noise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """Noise prediction `Zhat(x, t) = E[Z | X_t = x] = -sigma(t) s(x, t)`."""
@@ -134,7 +191,8 @@ class AbstractField(AbstractVelocityField):
 
         Infinite where `alpha = 0` (the noise end of rectified flow and cosine).
         """
-        return self.reverse_drift_unchecked(_check_time(self.path, x, t), t)
+        drift = self.reverse_drift_unchecked(check_point(self, x, t), t)
+        return check_result(drift, "reverse_drift")
 
 
 _DIVERGENCE_METHODS = ("auto", "closed_form", "trace", "hutchinson")
@@ -208,6 +266,16 @@ class AnalyticField(AbstractField):
     def dim(self) -> int:
         return self.law.dim
 
+    def singularity(self, t: float) -> str | None:
+        """A law without a density (`Empirical`) has an infinite score where
+        `sigma(t) = 0`: the data end."""
+        if not self.law.has_density and known_value(self.path.sigma(t)) == 0:
+            return (
+                f"a {type(self.law).__name__} law has no density, so its score "
+                "(alpha D - x) / sigma^2 divides by sigma(t) = 0"
+            )
+        return None
+
     def denoise_and_score(self, x, t):
         alpha = self.path.alpha(t).astype(x.dtype)
         sigma = self.path.sigma(t).astype(x.dtype)
@@ -219,5 +287,5 @@ class AnalyticField(AbstractField):
 
     def log_prob(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, ""]:
         """The marginal `log p_t(x)` of `X_t` (closed form)."""
-        x = _check_time(self.path, x, t)
+        x = check_point(self, x, t)
         return self.law.marginal_log_prob(x, self.path.alpha(t), self.path.sigma(t))

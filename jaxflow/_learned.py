@@ -11,14 +11,20 @@ regression target of the objectives), so the two stay one convention.
 source), which has no score.
 """
 
+import math
 from collections.abc import Callable
 
 import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from ._fields import AbstractField, AbstractVelocityField
-from ._misc import check_time_in_range
+from ._fields import (
+    AbstractField,
+    AbstractVelocityField,
+    check_output,
+    check_point,
+    check_result,
+    known_value,
+)
 from ._paths import AbstractPath
 
 PARAMETERISATIONS = ("velocity", "noise", "data", "score")
@@ -104,9 +110,26 @@ class LearnedField(AbstractField):
     def dim(self) -> None:
         return None
 
+    def singularity(self, t: float) -> str | None:
+        """Where the conversion from the network's output divides by zero: `alpha(t)
+        = 0` for noise and score networks (the noise end of rectified flow and
+        cosine), `sigma(t) = 0` for data networks (the data end)."""
+        alpha, sigma = known_value(self.path.alpha(t)), known_value(self.path.sigma(t))
+        if self.parameterisation in ("noise", "score") and alpha == 0:
+            return (
+                f"a {self.parameterisation}-predicting network's data estimate "
+                "divides by alpha(t) = 0"
+            )
+        if self.parameterisation == "data" and sigma == 0:
+            return "a data-predicting network's noise estimate divides by sigma(t) = 0"
+        d_sigma = known_value(self.path.d_sigma(t))
+        if self.parameterisation != "velocity" and d_sigma in (math.inf, -math.inf):
+            return "the velocity alpha' D + sigma' Zhat has sigma'(t) infinite"
+        return None
+
     def _read(self, x, t):
         """The network's output and the `(D, Zhat)` it implies."""
-        out = jnp.asarray(self.network(x, t), x.dtype)
+        out = check_output("LearnedField", self.network(x, t), x)
         return (out, *decode(self.path, self.parameterisation, x, t, out))
 
     def denoise_and_score(self, x, t):
@@ -165,10 +188,11 @@ class InterpolantField(AbstractVelocityField):
         return None
 
     def velocity_unchecked(self, x, t):
-        return jnp.asarray(self.network(x, t), x.dtype)
+        return check_output("InterpolantField", self.network(x, t), x)
 
     def denoise(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         """`E[X | X_t = x]`, from `x = alpha D + sigma E[X0 | X_t]` and
         `v = alpha' D + sigma' E[X0 | X_t]` (both hold for any source)."""
-        x = check_time_in_range(self.path, x, t)
-        return decode(self.path, "velocity", x, t, self.velocity_unchecked(x, t))[0]
+        x = check_point(self, x, t)
+        d = decode(self.path, "velocity", x, t, self.velocity_unchecked(x, t))[0]
+        return check_result(d, "denoise")

@@ -26,8 +26,16 @@ class RESULTS(diffrax.RESULTS):  # pyright: ignore
         "range [t_data, t_noise]."
     )
     non_finite = (
-        "The result is not finite: the field is singular on this span (e.g. an "
-        "Empirical law at t = 0) or the step is too large."
+        "The result is not finite: the field is singular on this span or the step is too large."
+    )
+    singular_field = (
+        "The solve failed and the span ends where the field is singular (an "
+        "Empirical law at t = 0, a noise-predicting network where alpha = 0): stop "
+        "short of that end with t_data= or t_noise=."
+    )
+    field_non_finite = (
+        "The field's velocity is NaN or inf at the starting point (a network or law "
+        "returning NaN there, or parameters that are not finite)."
     )
 
 

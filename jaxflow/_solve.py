@@ -6,17 +6,19 @@ the other way (paper 000 Def. 2.1). Forward-mode differentiation (`jax.jvp`,
 `jax.jacfwd`) goes through every solve (`diffrax.ForwardMode`).
 """
 
+import math
 from typing import Literal
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
 from ._misc import check_positive_int, check_time_grid, time_in_range
-from ._results import RESULTS, Outcome, classify, first_failure, mask_failed
+from ._results import RESULTS, Outcome, all_finite, classify, first_failure, mask_failed
 
 _NAMED_SOLVERS = {
     "euler": diffrax.Euler,
@@ -31,15 +33,33 @@ DEFAULT_MAX_STEPS = 4096
 
 
 def default_tolerances(dtype) -> tuple[float, float]:
-    """`(rtol, atol)` used when none are given.
+    """`(rtol, atol)` used when none are given, by the dtype of the point.
 
     float64: `1e-8, 1e-8`. float32 resolves only ~1.2e-7 relative, so asking for
     more makes an adaptive solver reject steps until it runs out of them: `1e-6,
-    1e-6` there (still `rtol <= 1e-6`).
+    1e-6` there (still `rtol <= 1e-6`). float16 and bfloat16 points are
+    integrated in float32, but the field sees them rounded to 11 or 8 bits, so its
+    values carry errors of ~5e-4 or ~4e-3 relative: `1e-3` and `1e-2` there.
     """
-    if jnp.dtype(dtype) == jnp.float64:
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
         return 1e-8, 1e-8
+    if dtype == jnp.float16:
+        return 1e-3, 1e-3
+    if dtype == jnp.bfloat16:
+        return 1e-2, 1e-2
     return 1e-6, 1e-6
+
+
+def state_dtype(dtype):
+    """The dtype a point of `dtype` is integrated in: float32 or wider.
+
+    A bfloat16 or float16 state would lose each step's increment to rounding
+    (`x + dt v` with `dt v` below half an ulp of `x` does not move `x`), so the
+    state, the times and the error control are float32 there, as diffusers'
+    schedulers do; the field still sees the point in its own dtype.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def get_solver(solver) -> diffrax.AbstractSolver:
@@ -58,26 +78,75 @@ def _is_adaptive(solver) -> bool:
     return isinstance(solver, diffrax.AbstractAdaptiveSolver)
 
 
+def concrete_time(name: str, t) -> float | None:
+    """A time as a Python float where its value is known outside `jit` (a Python or
+    NumPy number, a concrete array), else `None`; a time that is not a scalar
+    raises."""
+    if t is None:
+        return None
+    if jnp.ndim(t) != 0:
+        raise ValueError(f"{name} must be a scalar time, got shape {jnp.shape(t)}.")
+    if isinstance(t, jax.core.Tracer):
+        return None
+    return float(t)
+
+
 def _check_span(field: AbstractVelocityField, t_start, t_end):
     """Times known in Python lie in the path's range and differ."""
     path = field.path
+    known = {}
     for name, t in (("t_start", t_start), ("t_end", t_end)):
-        if isinstance(t, (int, float)) and not (path.t_data <= t <= path.t_noise):
+        value = concrete_time(name, t)
+        if value is not None and not (path.t_data <= value <= path.t_noise):
             raise ValueError(
-                f"{name}={t} is outside the path's range [{path.t_data}, {path.t_noise}]."
+                f"{name}={value} is outside the path's range [{path.t_data}, "
+                f"{path.t_noise}]; pass a time inside it."
             )
-    if isinstance(t_start, (int, float)) and isinstance(t_end, (int, float)):
-        if t_start == t_end:
-            raise ValueError("t_start equals t_end: nothing to integrate.")
+        known[name] = value
+    if known["t_start"] is not None and known["t_start"] == known["t_end"]:
+        raise ValueError("t_start equals t_end: nothing to integrate.")
+
+
+def _check_tolerance(name: str, value):
+    """`rtol`/`atol`: finite and > 0 (a `ValueError` when known, else
+    `eqx.error_if`)."""
+    message = f"{name} must be a finite number > 0, got {{}}; e.g. {name}=1e-6."
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number, jax.Array)):
+        raise ValueError(message.format(repr(value)))
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+    if not isinstance(value, jax.core.Tracer):
+        if not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(message.format(value))
+        return value
+    return eqx.error_if(value, ~(jnp.isfinite(value) & (value > 0)), message.format("a bad value"))
+
+
+def check_max_steps(max_steps) -> int:
+    """`max_steps`: a positive int. `None` (diffrax's unbounded solve) is refused:
+    an adaptive solve whose field is not finite shrinks its step forever."""
+    if max_steps is None:
+        raise ValueError(
+            "max_steps=None would let a failing solve (a field that is NaN or inf "
+            "somewhere) run forever; pass a bound, e.g. max_steps=100_000."
+        )
+    return check_positive_int("max_steps", max_steps)
 
 
 def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=None):
     if times is not None:
         if steps is not None:
             raise ValueError("give either steps= (equal steps) or times= (a grid), not both.")
+        if rtol is not None or atol is not None:
+            raise ValueError("rtol/atol set an adaptive solve; a times= grid is fixed.")
         return diffrax.StepTo(times), None, times.shape[0] - 1
     if steps is not None:
         steps = check_positive_int("steps", steps)
+        if rtol is not None or atol is not None:
+            raise ValueError(
+                "rtol/atol set an adaptive solve; with steps= the steps are fixed. "
+                "Give one or the other."
+            )
         return diffrax.ConstantStepSize(), (t_end - t_start) / steps, steps
     if not _is_adaptive(solver):
         raise ValueError(
@@ -85,14 +154,42 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
             "fixed-step solve, or choose an adaptive solver ('dopri5', 'tsit5')."
         )
     d_rtol, d_atol = default_tolerances(dtype)
-    rtol = d_rtol if rtol is None else rtol
-    atol = d_atol if atol is None else atol
-    if rtol <= 0 or atol <= 0:
-        raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}.")
+    rtol = d_rtol if rtol is None else _check_tolerance("rtol", rtol)
+    atol = d_atol if atol is None else _check_tolerance("atol", atol)
     return diffrax.PIDController(rtol=rtol, atol=atol), None, None
 
 
 Direction = Literal["generate", "invert"]
+
+
+def singular_end(field: AbstractVelocityField, t_start, t_end) -> str | None:
+    """What to say when a solve from `t_start` to `t_end` fails and one of its ends
+    (known in Python) is a time where `field` is singular; `None` otherwise.
+
+    A solver that never evaluates the field at that end (Euler generating towards
+    it) may still succeed, so the span is not refused up front.
+    """
+    path = field.path
+    for t in (t_start, t_end):
+        value = concrete_time("t", t)
+        reason = None if value is None else field.singularity(value)
+        if reason is None:
+            continue
+        fix = (
+            f"t_data={1e-3 * path.t_noise:g}"
+            if value == path.t_data
+            else f"t_noise={path.t_noise * (1 - 1e-3):g}"
+        )
+        return (
+            f"the field is singular at t = {value:g} ({reason}); stop short of that "
+            f"end, e.g. {fix}."
+        )
+    return None
+
+
+def _cast(tree, like):
+    """`tree` leaf by leaf in the dtypes of `like`'s leaves."""
+    return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
 
 
 def solve_ode(
@@ -111,20 +208,32 @@ def solve_ode(
     times=None,
     progress_meter=None,
     input_ok=None,
+    singular: str | None = None,
 ):
     """Integrate `dy/dt = vector_field(t, y)` from `t_start` to `t_end`.
 
     Shared by every ODE entry point; `name` labels its messages. Returns
-    `(y(t_end), result)`: the `RESULTS` item is `successful`, the solver's own
-    failure, `invalid_input` where `input_ok` is False, or `non_finite`. The
-    entry point raises on it (`raise_or_outcome`) or hands it back.
+    `(y(t_end), result)`: the `RESULTS` item is `successful`, `invalid_input`
+    where `input_ok` is False, `singular_field` for any failure when the span
+    ends where the field is singular (`singular`, from `singular_end`),
+    `field_non_finite` when the field is not finite at the start, the solver's
+    own failure, or `non_finite`. The entry point raises on it
+    (`raise_or_outcome`) or hands it back.
+
+    dtypes (docs/api/solving.md): `y(t_end)` has `y0`'s dtypes; the state, the
+    times and the error control are in `state_dtype` (float32 or wider), and
+    `vector_field` sees the state in `y0`'s dtypes and may answer in any.
     """
     solver = get_solver(solver)
+    max_steps = check_max_steps(max_steps)
+    compute = y0
+    y0 = jax.tree_util.tree_map(lambda a: a.astype(state_dtype(a.dtype)), y0)
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
+    tol_dtype = jax.tree_util.tree_leaves(compute)[0].dtype
     if times is not None:
         times = jnp.asarray(times, dtype)
     controller, dt0, fixed = _controller_and_dt0(
-        solver, steps, rtol, atol, t_start, t_end, dtype, times
+        solver, steps, rtol, atol, t_start, t_end, tol_dtype, times
     )
     if fixed is not None:
         max_steps = fixed
@@ -133,8 +242,12 @@ def solve_ode(
     t_start = jnp.asarray(t_start, dtype)
     t_end = jnp.asarray(t_end, dtype)
     dt0 = None if dt0 is None else jnp.asarray(dt0, dtype)
+
+    def term(t, y, args):
+        return _cast(vector_field(t, _cast(y, compute)), y0)
+
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
+        diffrax.ODETerm(term),
         solver,
         t0=t_start,
         t1=t_end,
@@ -147,35 +260,50 @@ def solve_ode(
         progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
         throw=False,
     )
-    y = jax.tree_util.tree_map(lambda a: a[0], sol.ys)
-    return y, classify(y, RESULTS.promote(sol.result), input_ok)
+    y = _cast(jax.tree_util.tree_map(lambda a: a[0], sol.ys), compute)
+    result = classify(y, RESULTS.promote(sol.result), input_ok)
+    failed = (result != RESULTS.successful) & (result != RESULTS.invalid_input)
+    if singular is not None:
+        return y, RESULTS.where(failed, RESULTS.singular_field, result)
+    # one more evaluation tells a field that is NaN or inf where the solve starts
+    # from a solve that ran out of steps
+    start_ok = all_finite(term(t_start, y0, None))
+    return y, RESULTS.where(failed & ~start_ok, RESULTS.field_non_finite, result)
 
 
-def raise_or_outcome(value, result: RESULTS, name: str, throw: bool):
-    """With `throw`, `value` with an `eqx.error_if` per cause; else an `Outcome`."""
+def raise_or_outcome(value, result: RESULTS, name: str, throw: bool, singular: str | None = None):
+    """With `throw`, `value` with an `eqx.error_if` per cause; else an `Outcome`.
+    `singular` is `singular_end`'s message, for `RESULTS.singular_field`."""
     if not throw:
         return Outcome(value=mask_failed(value, result == RESULTS.successful), result=result)
-    value = eqx.error_if(
-        value,
-        result == RESULTS.invalid_input,
-        f"jaxflow.{name}: the input contains NaN or inf, or a time lies outside the "
-        "path's range [t_data, t_noise].",
-    )
-    value = eqx.error_if(
-        value,
-        result == RESULTS.non_finite,
-        f"jaxflow.{name}: the solution is not finite; the field is singular on this "
-        "span (e.g. an Empirical law at t = 0) or the step is too large.",
-    )
+    messages = [
+        (
+            RESULTS.invalid_input,
+            "the input contains NaN or inf, or a time lies outside the path's range "
+            "[t_data, t_noise].",
+        ),
+        (RESULTS.singular_field, singular or "the field is singular at an end of the span."),
+        (
+            RESULTS.field_non_finite,
+            "the field's velocity is NaN or inf at the starting point (a network or "
+            "law returning NaN there, or parameters that are not finite).",
+        ),
+        (
+            RESULTS.non_finite,
+            "the solution is not finite; the field is singular on this span or the "
+            "step is too large.",
+        ),
+    ]
+    known = result != RESULTS.successful
+    for item, message in messages:
+        value = eqx.error_if(value, result == item, f"jaxflow.{name}: {message}")
+        known = known & (result != item)
     return eqx.error_if(
         value,
-        (result != RESULTS.successful)
-        & (result != RESULTS.invalid_input)
-        & (result != RESULTS.non_finite),
+        known,
         f"jaxflow.{name}: the ODE solver did not reach the end time: it ran out of "
-        "max_steps or its step size collapsed (a non-finite field makes every step "
-        "fail). Raise `max_steps`, loosen `rtol`/`atol`, or use a fixed-step solver "
-        "with `steps=`.",
+        "max_steps or its step size collapsed. Raise `max_steps`, loosen "
+        "`rtol`/`atol`, or use a fixed-step solver with `steps=`.",
     )
 
 
@@ -212,22 +340,39 @@ def prepare(
     dim = field.dim
     if dim is not None and x.shape[0] != dim:
         raise ValueError(f"{name}: point has length {x.shape[0]}, the field's law has n = {dim}.")
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise ValueError(f"{name} takes a real point, got dtype {x.dtype}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     _check_span(field, t_start, t_end)
     ok = jnp.all(jnp.isfinite(x))
     for t in (t_start, t_end):
-        if not isinstance(t, (int, float)):  # only known under jit
+        if concrete_time("t", t) is None:  # only known under jit
             ok = ok & time_in_range(field.path, t)
     return jnp.where(ok, x, jnp.zeros_like(x)), ok
 
 
 def span(field: AbstractVelocityField, t_noise=None, t_data=None) -> tuple:
-    """`(t_noise, t_data)`: the path's ends unless overridden."""
-    return (
-        field.path.t_noise if t_noise is None else t_noise,
-        field.path.t_data if t_data is None else t_data,
+    """`(t_noise, t_data)`: the path's ends unless overridden; `t_noise > t_data`
+    is checked (a `ValueError` when both are known, else `eqx.error_if`)."""
+    t_noise = field.path.t_noise if t_noise is None else t_noise
+    t_data = field.path.t_data if t_data is None else t_data
+    known_noise, known_data = concrete_time("t_noise", t_noise), concrete_time("t_data", t_data)
+    message = (
+        "t_noise={} must be greater than t_data={}: generation runs from t_noise "
+        "down to t_data, inversion back up."
     )
+    if known_noise is not None and known_data is not None:
+        if not known_noise > known_data:
+            raise ValueError(message.format(known_noise, known_data))
+        return t_noise, t_data
+    message = message.format(
+        *("(traced)" if value is None else value for value in (known_noise, known_data))
+    )
+    # the check rides on a traced end, so that an end known in Python stays known
+    if known_noise is None:
+        return eqx.error_if(t_noise, ~(t_noise > t_data), message), t_data
+    return t_noise, eqx.error_if(t_data, ~(t_noise > t_data), message)
 
 
 def _pf_ode(
@@ -244,6 +389,7 @@ def _pf_ode(
     t1, t0 = span(field, t_noise, t_data)
     start, end = (t1, t0) if direction == "generate" else (t0, t1)
     y, ok = prepare(field, y, start, end, direction)
+    singular = singular_end(field, start, end)
     y, result = solve_ode(
         lambda t, y: field.velocity_unchecked(y, t),
         y,
@@ -252,9 +398,10 @@ def _pf_ode(
         name=direction,
         times=times,
         input_ok=ok,
+        singular=singular,
         **solve_kwargs,
     )
-    return raise_or_outcome(y, result, direction, throw)
+    return raise_or_outcome(y, result, direction, throw, singular)
 
 
 def generate(
@@ -262,10 +409,10 @@ def generate(
     z: Float[ArrayLike, "..."],
     *,
     solver="dopri5",
-    steps: int | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_steps: int = DEFAULT_MAX_STEPS,
+    steps: int | np.integer | None = None,
+    rtol: Real[ArrayLike, ""] | None = None,
+    atol: Real[ArrayLike, ""] | None = None,
+    max_steps: int | np.integer = DEFAULT_MAX_STEPS,
     t_noise: Real[ArrayLike, ""] | None = None,
     t_data: Real[ArrayLike, ""] | None = None,
     adjoint=None,
@@ -286,10 +433,12 @@ def generate(
     - `steps`: fixed number of equal steps; `None` (default) for an adaptive solve.
     - `rtol, atol`: adaptive tolerances; by default `1e-8` in float64 and `1e-6` in
       float32 (see `default_tolerances`).
-    - `max_steps`: bound on the number of steps; reaching it is an error.
+    - `max_steps`: bound on the number of steps (a positive int); reaching it is
+      an error.
     - `t_noise, t_data`: override the ends of the span (e.g. stop at `t_data=1e-3`
       for an `Empirical` law, whose velocity is singular at 0).
     - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work).
+      For `jax.grad`/`jax.vjp` pass `diffrax.RecursiveCheckpointAdjoint()`.
     - `times`: instead of `steps`, a fixed grid, increasing from the data end to the
       noise end (`generate` walks it backwards, `invert` forwards, so a
       reconstruction uses one grid both ways); its ends are the span. Fine steps
@@ -301,7 +450,11 @@ def generate(
       `result` says why (per point under `vmap`), so one bad point costs only
       itself.
 
-    **Returns:** `G(z)`, shape `(n,)`; with `throw=False`, an `Outcome` holding it.
+    **Returns:** `G(z)`, shape `(n,)`, in `z`'s dtype (integrated in float32 or
+    wider); with `throw=False`, an `Outcome` holding it.
+
+    **Raises:** `ValueError` for bad settings or a point of the wrong shape; under
+    `jit`, `eqx.error_if` naming the cause of a failed solve (docs/reliability.md).
     """
     return _pf_ode(
         field,
@@ -326,10 +479,10 @@ def invert(
     x: Float[ArrayLike, "..."],
     *,
     solver="dopri5",
-    steps: int | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_steps: int = DEFAULT_MAX_STEPS,
+    steps: int | np.integer | None = None,
+    rtol: Real[ArrayLike, ""] | None = None,
+    atol: Real[ArrayLike, ""] | None = None,
+    max_steps: int | np.integer = DEFAULT_MAX_STEPS,
     t_noise: Real[ArrayLike, ""] | None = None,
     t_data: Real[ArrayLike, ""] | None = None,
     adjoint=None,
@@ -395,5 +548,6 @@ def reconstruction_error(
     """
     out = reconstruct(field, x, throw=throw, **solve_kwargs)
     x_hat = out if throw else out.value
+    x = jnp.asarray(x, x_hat.dtype)
     r = jnp.linalg.norm(x - x_hat) / jnp.sqrt(x.shape[-1])
     return r if throw else Outcome(value=r, result=out.result)

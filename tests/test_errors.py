@@ -88,7 +88,7 @@ def test_solve_argument_errors(field):
         jf.generate(field, z, solver="rk99")
     with pytest.raises(ValueError, match="outside the path's range"):
         jf.generate(field, z, t_noise=1.5)
-    with pytest.raises(ValueError, match="nothing to integrate"):
+    with pytest.raises(ValueError, match="must be greater than t_data"):
         jf.generate(field, z, t_noise=0.0)
     with pytest.raises(ValueError, match="shape"):
         jf.generate(field, jnp.zeros((3, 2)))
