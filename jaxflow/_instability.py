@@ -5,8 +5,10 @@ segment bound (Prop. E.1), the amplified-error bound (Prop. 3.1) and the Theorem
 
 The pointwise measures take `(fn, x, ...)` for any differentiable `fn` (a
 generation map `lambda z: jf.generate(field, z)`, a solver step, a user's map);
-none needs a field. With `fn = lambda z: jf.generate(field, z, throw=False).value`
-a point whose solve fails gives NaN (its tangent too) instead of an error.
+none needs a field. `fn` maps a point `(n,)` to `(n,)` and `x` is finite (else a
+`ValueError`, or under `jit` an error at run time). With
+`fn = lambda z: jf.generate(field, z, throw=False).value` a point whose solve fails
+gives NaN (its tangent too) instead of an error.
 """
 
 import math
@@ -15,72 +17,102 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AnalyticField
+from ._misc import (
+    as_batch,
+    as_float_array,
+    as_point,
+    check,
+    check_finite,
+    check_map_output,
+    check_positive_int,
+)
 from ._results import Outcome
 from ._solve import check_throw, invert
 
 Map = Callable[[Float[Array, " n"]], Float[Array, " n"]]
 
 
-def _check_point(name, x):
-    x = jnp.asarray(x)
-    if x.ndim != 1:
-        raise ValueError(
-            f"{name} takes one point of shape (n,), got {x.shape}; batch with jax.vmap."
-        )
-    return x
+def _jacobian(fn, x, where):
+    x = as_point("x", x, where)
+    jac = jax.jacfwd(fn)(x)
+    check_map_output(where, "fn", jac.shape[:-1], x)
+    return jac
 
 
 def jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, "n n"]:
-    """Dense Jacobian `J_F(x)` by forward mode (`jax.jacfwd`: n JVPs)."""
-    x = _check_point("jacobian", x)
-    return jax.jacfwd(fn)(x)
+    """Dense Jacobian `J_F(x)` by forward mode (`jax.jacfwd`: n JVPs).
+
+    **Raises:** `ValueError` when `x` is not one finite point `(n,)` (under `jit`, an
+    error at run time for NaN), or `fn(x)` has not `x`'s shape (as for every measure
+    here: they are of maps `F: R^n -> R^n`).
+    """
+    return _jacobian(fn, x, "jacobian")
 
 
 def singular_values(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, " n"]:
-    """Singular values of `J_F(x)`, descending."""
-    return jnp.linalg.svd(jacobian(fn, x), compute_uv=False)
+    """Singular values of `J_F(x)`, descending. **Raises:** as `jacobian`."""
+    return jnp.linalg.svd(_jacobian(fn, x, "singular_values"), compute_uv=False)
 
 
 def log_abs_det_jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
-    """`log |det J_F(x)|` from the dense Jacobian (LU, `slogdet`)."""
-    return jnp.linalg.slogdet(jacobian(fn, x))[1]
+    """`log |det J_F(x)|` from the dense Jacobian (LU, `slogdet`). **Raises:** as
+    `jacobian`."""
+    return jnp.linalg.slogdet(_jacobian(fn, x, "log_abs_det_jacobian"))[1]
 
 
 def geometric_mean_singular_value(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
     """`Ebar_F(x) = (prod_i sigma_i)^(1/n) = |det J_F(x)|^(1/n)` (paper 000 Def. 4.1).
 
     Computed through `log |det J|` so it neither under- nor overflows for large n.
+
+    **Raises:** as `jacobian`.
     """
-    x = _check_point("geometric_mean_singular_value", x)
-    return jnp.exp(log_abs_det_jacobian(fn, x) / x.shape[0])
+    jac = _jacobian(fn, x, "geometric_mean_singular_value")
+    return jnp.exp(jnp.linalg.slogdet(jac)[1] / jac.shape[0])
 
 
 def _check_direction(what, x, name, u):
-    x = _check_point(what, x)
-    u = jnp.asarray(u, x.dtype)
+    """`x` one finite point, `u` a finite non-zero vector of its shape."""
+    x = as_point("x", x, what)
+    u = jnp.asarray(u)
     if u.shape != x.shape:
         raise ValueError(f"{what}: {name} has shape {u.shape}, x has {x.shape}.")
-    return x, eqx.error_if(u, jnp.all(u == 0), f"{what}: {name} must be non-zero.")
+    u = check_finite(name, u.astype(x.dtype), what)
+    return x, check(u, jnp.all(u == 0), f"{what}: {name} must be non-zero.")
 
 
 def intrinsic_instability(
     fn: Map, x: Float[ArrayLike, "..."], u: Float[ArrayLike, "..."]
 ) -> Float[Array, ""]:
-    """`E_F(x, u) = |J_F(x) u| / |u|` (paper 000 Def. 2.2, eq. 2): one `jax.jvp`."""
-    x, u = _check_direction("intrinsic_instability", x, "direction u", u)
+    """`E_F(x, u) = |J_F(x) u| / |u|` (paper 000 Def. 2.2, eq. 2): one `jax.jvp`.
+
+    **Raises:** `ValueError` when `x` is not one finite point, `u` is not a finite
+    non-zero vector of its shape (an error at run time under `jit`), or `fn(x)` has
+    not `x`'s shape.
+    """
+    where = "intrinsic_instability"
+    x, u = _check_direction(where, x, "direction u", u)
     ju = jax.jvp(fn, (x,), (u,))[1]
+    check_map_output(where, "fn", ju.shape, x)
     return jnp.linalg.norm(ju) / jnp.linalg.norm(u)
 
 
 def instability_coefficient(
     fn: Map, x: Float[ArrayLike, "..."], n: Float[ArrayLike, "..."]
 ) -> Float[Array, ""]:
-    """`A_F(x, n) = |F(x + n) - F(x)| / |n|` (paper 000 Prop. 2.1, eq. 3)."""
-    x, n = _check_direction("instability_coefficient", x, "perturbation n", n)
-    return jnp.linalg.norm(fn(x + n) - fn(x)) / jnp.linalg.norm(n)
+    """`A_F(x, n) = |F(x + n) - F(x)| / |n|` (paper 000 Prop. 2.1, eq. 3).
+
+    **Raises:** as `intrinsic_instability`, for the perturbation `n`.
+    """
+    where = "instability_coefficient"
+    x, n = _check_direction(where, x, "perturbation n", n)
+    moved, fx = fn(x + n), fn(x)
+    check_map_output(where, "fn", jnp.shape(fx), x)
+    return jnp.linalg.norm(moved - fx) / jnp.linalg.norm(n)
 
 
 class SegmentBound(eqx.Module):
@@ -100,19 +132,27 @@ class SegmentBound(eqx.Module):
 
 
 def instability_lower_bound(
-    fn: Map, x: Float[ArrayLike, "..."], n: Float[ArrayLike, "..."], num_points: int = 10
+    fn: Map,
+    x: Float[ArrayLike, "..."],
+    n: Float[ArrayLike, "..."],
+    num_points: int | np.integer = 10,
 ) -> SegmentBound:
     """Paper 000 Prop. E.1: if `<J(x+an)n, J(x+bn)n> >= 0` for all `a, b in [0, 1]`,
     then `A_F(x, n) >= (2 sqrt 2 / pi) min_a E_F(x + a n, n)`.
 
     Uses `num_points` equally spaced `a` (the paper uses 10) and exact JVPs instead
     of the paper's finite differences.
+
+    **Raises:** as `intrinsic_instability`, and `ValueError` for `num_points` not an
+    int >= 2.
     """
-    x, n = _check_direction("instability_lower_bound", x, "perturbation n", n)
-    if num_points < 2:
-        raise ValueError(f"num_points must be >= 2, got {num_points}.")
-    a = jnp.linspace(0.0, 1.0, num_points, dtype=x.dtype)
+    where = "instability_lower_bound"
+    x, n = _check_direction(where, x, "perturbation n", n)
+    if check_positive_int("num_points", num_points) < 2:
+        raise ValueError(f"num_points must be an int >= 2, got {num_points!r}.")
+    a = jnp.linspace(0.0, 1.0, int(num_points), dtype=x.dtype)
     jn = jax.vmap(lambda ai: jax.jvp(fn, (x + ai * n,), (n,))[1])(a)
+    check_map_output(where, "fn", jn.shape[1:], x)
     norm_n = jnp.linalg.norm(n)
     e = jnp.linalg.norm(jn, axis=-1) / norm_n
     gram = jn @ jn.T
@@ -166,24 +206,37 @@ def instability_probability(
     **Arguments:**
 
     - `field`: an `AnalyticField` (closed-form `p_gen`).
-    - `x`: samples of `pi_real`, shape `(N, n)`.
-    - `M`: one threshold or several.
+    - `x`: samples of `pi_real`, shape `(N, n)`, `N >= 1`.
+    - `M`: one threshold or several, each finite and `> 0`.
     - `throw`: `False` keeps going when some inversions fail: the statistics are
       over the samples that succeeded, and an `Outcome` holds them with the
-      per-sample `result` (`log_ebar` and `noise_norm2` are NaN at failures).
+      per-sample `result` (`log_ebar` and `noise_norm2` are NaN at failures; the
+      fractions are NaN only where no sample succeeded).
     - `**solve_kwargs`: for the inversion, as for `jf.invert`.
 
     **Returns:** an `InstabilityProbability`; with `throw=False`, an `Outcome`
     holding it.
+
+    **Raises:** `ValueError` for a field that is not an `AnalyticField`, `x` not of
+    shape `(N, n)` with `N >= 1` (no samples, no estimate) or, with `throw=True`,
+    not finite, and `M` empty, not finite or `<= 0` (under `jit`, the value checks
+    raise at run time).
     """
     throw = check_throw(throw)
+    where = "instability_probability"
     if not isinstance(field, AnalyticField):
-        raise ValueError("instability_probability needs an AnalyticField (closed-form p_gen).")
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a batch of shape (N, n), got {x.shape}.")
-    M = jnp.atleast_1d(jnp.asarray(M, x.dtype))
-    M = eqx.error_if(M, jnp.any(M <= 0), "instability_probability: M must be > 0.")
+        raise ValueError(f"{where} needs an AnalyticField (closed-form p_gen).")
+    # a Monte-Carlo estimate from no samples is undefined: N >= 1 (one is crude, fine)
+    x = as_batch("x", x, where, finite=throw)
+    if x.shape[1] != field.dim:
+        raise ValueError(
+            f"{where}: x holds points of length {x.shape[1]}, the field's law has n = {field.dim}."
+        )
+    M = as_float_array("M", M, ndim=(0, 1))
+    M = jnp.atleast_1d(M.astype(x.dtype))
+    if M.shape[0] == 0:
+        raise ValueError(f"{where}: M is empty; pass one threshold or several.")
+    M = check(M, ~(M > 0), f"{where}: M must be > 0 (a threshold on Ebar).")
     n = x.shape[1]
     path = field.path
     law = field.law
@@ -228,9 +281,19 @@ def amplified_error_bound(
     satisfies `U >= h M_2 (C - 1) / (2 log C) * C` when `E_G(z, zhat - z) > C`.
 
     The first factor is the numerical error of the inverted noise, the second `C`
-    the instability amplification. `C = 1` is the removable limit `h M_2 / 2`.
+    the instability amplification. `C = 1` is the removable limit `h M_2 / 2`, and
+    `C = 0` the limit `0`.
+
+    **Raises:** `ValueError` (under `jit`, an error at run time) where an argument
+    is not finite, `step_size <= 0`, `m2 < 0` or `c < 0`.
     """
-    c = jnp.asarray(c)
+    where = "amplified_error_bound"
+    step_size = as_float_array("step_size", step_size)
+    step_size = check(step_size, ~(step_size > 0), f"{where}: step_size h must be > 0.")
+    m2 = as_float_array("m2", m2)
+    m2 = check(m2, ~(m2 >= 0), f"{where}: m2 (a bound on a norm) must be >= 0.")
+    c = as_float_array("c", c)
+    c = check(c, ~(c >= 0), f"{where}: c (an instability coefficient) must be >= 0.")
     safe = jnp.where(jnp.abs(c - 1) < 1e-12, 2.0, c)
     ratio = jnp.where(jnp.abs(c - 1) < 1e-12, 1.0, (safe - 1) / jnp.log(safe))
     return step_size * m2 * ratio / 2 * c

@@ -12,12 +12,54 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractVelocityField, AnalyticField, divergence, divergence_method
 from ._instability import log_abs_det_jacobian
+from ._misc import as_point, check_key, check_time
 from ._results import Outcome, mask_failed
-from ._solve import check_throw, generate, prepare, raise_or_outcome, solve_ode, span
+from ._solve import (
+    check_throw,
+    generate,
+    prepare,
+    raise_or_outcome,
+    singular_end,
+    solve_ode,
+    span,
+)
 
 
-def _span(field, kwargs):
-    return span(field, kwargs.pop("t_noise", None), kwargs.pop("t_data", None))
+def _span(field, kwargs, name):
+    """`(t_noise, t_data)` from `kwargs` (popped), for entry point `name`: a field
+    is required, and times known in Python are checked by the names they were
+    passed under."""
+    if not isinstance(field, AbstractVelocityField):
+        raise ValueError(f"{name} needs a jaxflow field, got {type(field).__name__}.")
+    t_noise = check_time("t_noise", field.path, kwargs.pop("t_noise", None))
+    t_data = check_time("t_data", field.path, kwargs.pop("t_data", None))
+    return span(field, t_noise, t_data)
+
+
+def _point(name, z, where, field, throw):
+    """`z` one point of the field's dimension; with `throw`, checked finite (a
+    `ValueError`, or an error at run time under `jit`), so that the messages name
+    it. With `throw=False` a non-finite point is that point's `invalid_input`."""
+    z = as_point(name, z, where, finite=throw)
+    if field.dim is not None and z.shape[0] != field.dim:
+        raise ValueError(
+            f"{where}: {name} has length {z.shape[0]}, the field's law has n = {field.dim}."
+        )
+    return z
+
+
+def _check_key(key, divergence, field, route):
+    """`key` one PRNG key, or `None`; `key` and `divergence` only with the routes
+    that use them."""
+    if key is not None:
+        check_key("key", key)
+    if route in ("density", "dense") and (key is not None or divergence != "auto"):
+        raise ValueError(
+            f"key and divergence= choose the divergence of route='divergence'; "
+            f"route={route!r} uses neither."
+        )
+    if divergence != "auto" or key is not None:
+        divergence_method(field, key, divergence)  # argument errors before tracing
 
 
 def log_det_generation(
@@ -51,20 +93,34 @@ def log_det_generation(
     - `**solve_kwargs`: as for `jf.generate`.
 
     **Returns:** `log |det J_G(z)|`; with `throw=False`, an `Outcome` holding it.
+
+    **Raises:** `ValueError` for an unknown `route` or `divergence`, a `key` that is
+    not one PRNG key, `key` / `divergence=` with a route that uses neither,
+    `route='dense'` with `throw=False`, `route='density'` without an
+    `AnalyticField`, `z` not one point of the field's dimension (with `throw=True`,
+    or not finite: under `jit` an error at run time), and `t_noise` / `t_data`
+    outside the path; and as `jf.generate` for the solver's arguments.
     """
     throw = check_throw(throw)
+    name = "log_det_generation"
+    if route not in ("divergence", "density", "dense"):
+        raise ValueError(f"route must be 'divergence', 'density' or 'dense', got {route!r}.")
+    kwargs = dict(solve_kwargs)
+    t1, t0 = _span(field, kwargs, name)
+    _check_key(key, divergence, field, route)
+    z = _point("z", z, name, field, throw)
     if route == "dense":
         if not throw:
             raise ValueError(
                 "route='dense' differentiates through the solve and cannot report a "
                 "per-point status; use route='divergence' with throw=False."
             )
-        return log_abs_det_jacobian(lambda y: generate(field, y, **solve_kwargs), z)
+        return log_abs_det_jacobian(
+            lambda y: generate(field, y, t_noise=t1, t_data=t0, **kwargs), z
+        )
     if route == "density":
         if not isinstance(field, AnalyticField):
             raise ValueError("route='density' needs an AnalyticField (closed-form marginals).")
-        kwargs = dict(solve_kwargs)
-        t1, t0 = _span(field, kwargs)
         x = generate(field, z, t_noise=t1, t_data=t0, throw=throw, **kwargs)
         x_value = x if throw else x.value
         path = field.path
@@ -74,21 +130,14 @@ def log_det_generation(
         if throw:
             return logdet
         return Outcome(value=mask_failed(logdet, x.ok), result=x.result)
-    if divergence != "auto" or key is not None:
-        divergence_method(field, key, divergence)  # argument errors before tracing
-    if route != "divergence":
-        raise ValueError(f"route must be 'divergence', 'density' or 'dense', got {route!r}.")
-    kwargs = dict(solve_kwargs)
-    t1, t0 = _span(field, kwargs)
-    out = _solve_with_divergence(
-        field, z, t1, t0, key, divergence, "log_det_generation", throw, kwargs
-    )
+    out = _solve_with_divergence(field, z, t1, t0, key, divergence, name, throw, kwargs)
     return out[1] if throw else Outcome(value=out.value[1], result=out.result)
 
 
 def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwargs):
     # d/dt log|det dx_t/dx_start| = div v(x_t, t) (paper 000 eq. A29), integrated from 0.
     y0, ok = prepare(field, y0, start, end, name)
+    singular = singular_end(field, start, end)
 
     def rhs(t, y):
         x, _ = y
@@ -96,9 +145,16 @@ def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwar
         return v, divergence(field, x, t, key, method)
 
     y, result = solve_ode(
-        rhs, (y0, jnp.zeros((), y0.dtype)), start, end, name=name, input_ok=ok, **kwargs
+        rhs,
+        (y0, jnp.zeros((), y0.dtype)),
+        start,
+        end,
+        name=name,
+        input_ok=ok,
+        singular=singular,
+        **kwargs,
     )
-    return raise_or_outcome(y, result, name, throw)
+    return raise_or_outcome(y, result, name, throw, singular)
 
 
 def invert_with_log_det(
@@ -123,15 +179,16 @@ def invert_with_log_det(
 
     **Returns:** `(G^{-1}(x), log|det J_{G^{-1}}(x)|)`; with `throw=False`, an
     `Outcome` holding the pair.
+
+    **Raises:** as `log_det_generation` (route `'divergence'`), for `x`.
     """
     throw = check_throw(throw)
-    if divergence != "auto" or key is not None:
-        divergence_method(field, key, divergence)
+    name = "invert_with_log_det"
     kwargs = dict(solve_kwargs)
-    t1, t0 = _span(field, kwargs)
-    return _solve_with_divergence(
-        field, x, t0, t1, key, divergence, "invert_with_log_det", throw, kwargs
-    )
+    t1, t0 = _span(field, kwargs, name)
+    _check_key(key, divergence, field, "divergence")
+    x = _point("x", x, name, field, throw)
+    return _solve_with_divergence(field, x, t0, t1, key, divergence, name, throw, kwargs)
 
 
 def generate_with_jacobian(
@@ -148,11 +205,15 @@ def generate_with_jacobian(
     **Arguments:** as for `jf.generate`.
 
     **Returns:** `(G(z), J_G(z))`; with `throw=False`, an `Outcome` holding the pair.
+
+    **Raises:** as `jf.generate`, with `z` (when `throw=True`) and `t_noise` /
+    `t_data` named in the messages.
     """
     throw = check_throw(throw)
+    name = "generate_with_jacobian"
     kwargs = dict(solve_kwargs)
-    t1, t0 = _span(field, kwargs)
-    z, ok = prepare(field, z, t1, t0, "generate_with_jacobian")
+    t1, t0 = _span(field, kwargs, name)
+    z, ok = prepare(field, _point("z", z, name, field, throw), t1, t0, name)
 
     def rhs(t, y):
         x, jac = y
@@ -164,7 +225,8 @@ def generate_with_jacobian(
         return v, pushed
 
     eye = jnp.eye(z.shape[0], dtype=z.dtype)
+    singular = singular_end(field, t1, t0)
     y, result = solve_ode(
-        rhs, (z, eye), t1, t0, name="generate_with_jacobian", input_ok=ok, **kwargs
+        rhs, (z, eye), t1, t0, name=name, input_ok=ok, singular=singular, **kwargs
     )
-    return raise_or_outcome(y, result, "generate_with_jacobian", throw)
+    return raise_or_outcome(y, result, name, throw, singular)

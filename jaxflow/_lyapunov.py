@@ -23,9 +23,19 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from ._misc import check_positive_int
+from ._misc import (
+    as_point,
+    check,
+    check_finite,
+    check_key,
+    check_map_output,
+    check_nonnegative_int,
+    check_number,
+    check_positive_int,
+)
 from ._results import RESULTS, Outcome, classify, mask_failed
 from ._solve import check_throw, get_solver
 
@@ -77,36 +87,54 @@ class _Schedule:
     averaged_span: int | float
 
 
-def _as_point(x0) -> Float[Array, " n"]:
-    """`x0` as an array of shape `(n,)`, else `ValueError`."""
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 1:
-        raise ValueError(f"x0 must be one point of shape (n,), got {x0.shape}.")
-    return x0
-
-
 def _check_k(k, n) -> int:
     """The number of exponents: `k`, or all `n` when `None`."""
     if k is None:
         return n
-    if not isinstance(k, int) or not 1 <= k <= n:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, n = {n}], got {k!r}.")
-    return k
+    return int(k)
 
 
-def _initial_frame(n, k, dtype, key, frame) -> Float[Array, "n k"]:
+def _initial_frame(where, n, k, dtype, key, frame) -> Float[Array, "n k"]:
     """The orthonormal `(n, k)` frame to start from: `frame` orthonormalised, a
     random one from `key`, or the first `k` coordinate axes."""
     if frame is not None:
+        if key is not None:
+            raise ValueError(f"{where}: give key (a random frame) or frame, not both.")
         frame = jnp.asarray(frame, dtype)
         if frame.shape != (n, k):
             raise ValueError(f"frame must have shape ({n}, {k}), got {frame.shape}.")
-        q, _ = jnp.linalg.qr(frame)
-        return q
+        q, r = jnp.linalg.qr(check_finite("frame", frame, where))
+        diag = jnp.abs(jnp.diagonal(r))
+        tiny = n * jnp.finfo(dtype).eps * jnp.max(diag)
+        return check(
+            q,
+            ~(jnp.min(diag) > tiny),
+            f"{where}: the columns of frame must be linearly independent.",
+        )
     if key is None:
         return jnp.eye(n, k, dtype=dtype)
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, k), dtype))
+    q, _ = jnp.linalg.qr(jax.random.normal(check_key("key", key), (n, k), dtype))
     return q
+
+
+def _checked_map(fn, where: str, fn_name: str):
+    """`fn(x, i_or_t)`, with its output's shape checked against `x`'s when traced."""
+
+    def checked(x, arg):
+        out = jnp.asarray(fn(x, arg))
+        check_map_output(where, fn_name, out.shape, x)
+        return out
+
+    return checked
+
+
+def _start(where: str, x0, throw: bool) -> Float[Array, " n"]:
+    """`x0` as one point; with `throw`, checked finite (a `ValueError`, or an error at
+    run time under `jit`). With `throw=False` a non-finite start is a point's
+    failure, reported as `RESULTS.non_finite`."""
+    return as_point("x0", x0, where, finite=throw)
 
 
 def _qr_step(step_fn, x, q, i):
@@ -256,14 +284,14 @@ def _raise_or_outcome(
 def lyapunov_spectrum_of_map(
     step: Callable[[Float[Array, " n"], Array], Float[Array, " n"]],
     x0: Float[ArrayLike, " n"],
-    num_steps: int,
+    num_steps: int | np.integer,
     *,
-    k: int | None = None,
-    transient_steps: int = 0,
+    k: int | np.integer | None = None,
+    transient_steps: int | np.integer = 0,
     key: PRNGKeyArray | None = None,
     frame: Float[ArrayLike, "n k"] | None = None,
     save_stretch: bool = True,
-    covariant_steps: int = 0,
+    covariant_steps: int | np.integer = 0,
     throw: bool = True,
 ) -> LyapunovSpectrum | Outcome:
     """Finite-time Lyapunov exponents (per step) and vectors of a sequence of maps
@@ -290,23 +318,33 @@ def lyapunov_spectrum_of_map(
       the exponents become non-finite; `False` returns an `Outcome` instead.
 
     **Returns:** a `LyapunovSpectrum`; with `throw=False`, a `jf.Outcome` holding
-    it, with `result` `RESULTS.non_finite` where the path, the vectors or the
-    exponents are not finite (its arrays are then NaN) and `RESULTS.successful`
-    elsewhere, so that `jax.vmap` over starting points keeps the good ones.
+    it, with `result` `RESULTS.non_finite` where the start, the path, the vectors
+    or the exponents are not finite (its arrays are then NaN) and
+    `RESULTS.successful` elsewhere, so that `jax.vmap` over starting points keeps
+    the good ones.
+
+    **Raises:** `ValueError` for `x0` not one point `(n,)` (or, with `throw=True`,
+    not finite), `step` not mapping it to its own shape, `num_steps` not a positive
+    int, `transient_steps` / `covariant_steps` not ints in range, `k` not an int in
+    `[1, n]`, a `frame` of the wrong shape, not finite or of dependent columns,
+    both `key` and `frame`, or a `key` that is not one PRNG key. Under `jit` the
+    value checks raise at run time.
     """
     throw = check_throw(throw)
-    x0 = _as_point(x0)
+    where = "lyapunov_spectrum_of_map"
+    x0 = _start(where, x0, throw)
     num_steps = check_positive_int("num_steps", num_steps)
-    if not isinstance(transient_steps, int) or transient_steps < 0:
-        raise ValueError(f"transient_steps must be an int >= 0, got {transient_steps!r}.")
-    if not isinstance(covariant_steps, int) or not 0 <= covariant_steps < num_steps:
+    transient_steps = check_nonnegative_int("transient_steps", transient_steps)
+    if check_nonnegative_int("covariant_steps", covariant_steps) >= num_steps:
         raise ValueError(
             f"covariant_steps must be an int in [0, num_steps = {num_steps}) (steps of "
             f"the backward pass, fewer than the averaged steps), got {covariant_steps!r}."
         )
+    covariant_steps = int(covariant_steps)
     n = x0.shape[0]
     k = _check_k(k, n)
-    q = _initial_frame(n, k, x0.dtype, key, frame)
+    q = _initial_frame(where, n, k, x0.dtype, key, frame)
+    step = _checked_map(step, where, "step")
     schedule = _Schedule(
         transient_steps=transient_steps,
         averaged_steps=num_steps,
@@ -314,31 +352,29 @@ def lyapunov_spectrum_of_map(
         averaged_span=num_steps,
     )
     spectrum = _spectrum(step, x0, q, schedule=schedule, save_stretch=save_stretch)
-    return _raise_or_outcome(spectrum, "lyapunov_spectrum_of_map", throw)
+    return _raise_or_outcome(spectrum, where, throw)
 
 
-def _flow_steps(t0: float, t1: float, steps: int | None, dt: float | None) -> int:
+def _flow_steps(t0: float, t1: float, steps, dt) -> tuple[int, str]:
     """The number of equal steps over `[t0, t1]` from `steps` or `dt` (at most one
-    given), `DEFAULT_FLOW_STEPS` from neither."""
+    given), `DEFAULT_FLOW_STEPS` from neither; and how to take more of them (for
+    messages)."""
     if steps is not None and dt is not None:
         raise ValueError(
             f"give steps or dt, not both (got steps={steps!r}, dt={dt!r}): steps fixes "
             "the number of equal steps over [t0, t1], dt their largest length."
         )
     if dt is not None:
-        if isinstance(dt, bool) or not isinstance(dt, (int, float)):
-            raise ValueError(f"dt must be a positive float, got {dt!r}.")
-        if not (math.isfinite(dt) and dt > 0):
-            raise ValueError(f"dt must be a positive float, got {dt!r}.")
+        dt = check_number("dt", dt, 0, open_low=True, static=True)
         ratio = abs(t1 - t0) / dt
         nearest = round(ratio)
         # |t1 - t0| / dt is often a whole number up to rounding (1.1 / 0.1 is
         # 11.000000000000002): take that number rather than a needless extra step
         steps = nearest if abs(ratio - nearest) <= 1e-9 * ratio else math.ceil(ratio)
-        return max(steps, 1)
+        return max(steps, 1), f"a smaller dt (dt={dt:g})"
     if steps is None:
-        return DEFAULT_FLOW_STEPS
-    return check_positive_int("steps", steps)
+        return DEFAULT_FLOW_STEPS, f"more steps (steps=, default {DEFAULT_FLOW_STEPS})"
+    return check_positive_int("steps", steps), f"more steps (steps={steps})"
 
 
 def _discrete_flow(
@@ -369,37 +405,39 @@ def _discrete_flow(
 
 
 def _flow_schedule(
-    span: float, steps: int, transient_time: float, covariant_time: float
+    span: float, steps: int, transient_time, covariant_time, finer: str
 ) -> _Schedule:
     """The `_Schedule` of a flow: the transient and covariant stretches of time
-    rounded to whole steps of length `|span| / steps`."""
-    if not 0 <= transient_time < abs(span):
+    rounded to whole steps of length `|span| / steps`; `finer` says how to take
+    shorter steps (for messages)."""
+    transient_time = check_number("transient_time", transient_time, 0, static=True)
+    covariant_time = check_number("covariant_time", covariant_time, 0, static=True)
+    if not transient_time < abs(span):
         raise ValueError(
-            f"transient_time must lie in [0, |t1 - t0| = {abs(span)}), got {transient_time}."
+            f"transient_time must lie in [0, |t1 - t0| = {abs(span):g}), got {transient_time:g}."
         )
-    if covariant_time < 0:
-        raise ValueError(f"covariant_time must be >= 0, got {covariant_time}.")
-    h = span / steps
-    transient_steps = int(round(transient_time / abs(h)))
+    h = abs(span) / steps
+    transient_steps = int(round(transient_time / h))
     averaged_steps = steps - transient_steps
-    covariant_steps = int(round(covariant_time / abs(h)))
+    covariant_steps = int(round(covariant_time / h))
     if averaged_steps < 1:
         raise ValueError(
-            f"transient_time = {transient_time} rounds to all {steps} steps of "
-            f"length {abs(h)}: no step is left to average over; shorten it or take "
-            "more steps."
+            f"transient_time = {transient_time:g} rounds to all {steps} steps of length "
+            f"{h:g}: no step is left to average over; shorten transient_time or take "
+            f"{finer}."
         )
     if not covariant_steps < averaged_steps:
         raise ValueError(
-            f"covariant_time = {covariant_time} rounds to {covariant_steps} steps of "
-            f"length {abs(h)}; it must be shorter than the averaged stretch, "
-            f"{averaged_steps} steps (|t1 - t0| - transient_time)."
+            f"covariant_time = {covariant_time:g} rounds to {covariant_steps} steps of "
+            f"length {h:g}; it must be shorter than the averaged stretch, |t1 - t0| - "
+            f"transient_time = {abs(span) - transient_time:g} ({averaged_steps} steps): "
+            f"shorten covariant_time or take {finer}."
         )
     return _Schedule(
         transient_steps=transient_steps,
         averaged_steps=averaged_steps,
         covariant_steps=covariant_steps,
-        averaged_span=abs(averaged_steps * h),
+        averaged_span=averaged_steps * h,
     )
 
 
@@ -409,9 +447,9 @@ def lyapunov_spectrum(
     t0: float,
     t1: float,
     *,
-    steps: int | None = None,
+    steps: int | np.integer | None = None,
     dt: float | None = None,
-    k: int | None = None,
+    k: int | np.integer | None = None,
     transient_time: float = 0.0,
     solver="tsit5",
     key: PRNGKeyArray | None = None,
@@ -456,19 +494,29 @@ def lyapunov_spectrum(
     **Returns:** a `LyapunovSpectrum` (`log_stretch` rows are per step, not per
     unit time); with `throw=False`, a `jf.Outcome` holding it, as for
     `lyapunov_spectrum_of_map`.
+
+    **Raises:** `ValueError` as `lyapunov_spectrum_of_map` (for `f`, `x0`, `k`,
+    `key`, `frame`), and for `t0`, `t1`, `dt`, `transient_time`, `covariant_time`
+    not finite numbers known in Python (they fix the steps), `t1 == t0`, both
+    `steps` and `dt`, `steps` not a positive int, `dt <= 0`, a `transient_time`
+    outside `[0, |t1 - t0|)` or leaving no step to average over, and a
+    `covariant_time < 0` or not shorter than the averaged stretch.
     """
     throw = check_throw(throw)
+    where = "lyapunov_spectrum"
+    t0 = check_number("t0", t0, static=True)
+    t1 = check_number("t1", t1, static=True)
     if t1 == t0:
         raise ValueError("t1 equals t0: no time to average over.")
-    steps = _flow_steps(t0, t1, steps, dt)
-    x0 = _as_point(x0)
-    schedule = _flow_schedule(t1 - t0, steps, transient_time, covariant_time)
-    step = _discrete_flow(f, t0, t1, steps, solver)
+    steps, finer = _flow_steps(t0, t1, steps, dt)
+    x0 = _start(where, x0, throw)
+    schedule = _flow_schedule(t1 - t0, steps, transient_time, covariant_time, finer)
+    step = _discrete_flow(_checked_map(f, where, "f"), t0, t1, steps, solver)
     n = x0.shape[0]
     k = _check_k(k, n)
-    q = _initial_frame(n, k, x0.dtype, key, frame)
+    q = _initial_frame(where, n, k, x0.dtype, key, frame)
     spectrum = _spectrum(step, x0, q, schedule=schedule, save_stretch=save_stretch)
-    return _raise_or_outcome(spectrum, "lyapunov_spectrum", throw)
+    return _raise_or_outcome(spectrum, where, throw)
 
 
 def alignment(
@@ -476,13 +524,27 @@ def alignment(
 ) -> Float[Array, "*batch k"]:
     """`|<s / |s|, q_i>|` for each column `q_i` of `vectors` (paper 003 Def. 4.2):
     near 0 when the Lyapunov vectors are tangent to the support, where the score
-    is normal to it. Batched over leading axes."""
+    is normal to it. Batched over leading axes.
+
+    **Raises:** `ValueError` (under `jit`, at run time) where the shapes do not
+    match, an entry is not finite, the score is zero (no direction: the alignment is
+    undefined there) or a column of `vectors` is zero.
+    """
+    where = "alignment"
     score = jnp.asarray(score)
     vectors = jnp.asarray(vectors)
-    if vectors.shape[:-1] != score.shape:
+    if vectors.shape[:-1] != score.shape or score.ndim == 0:
         raise ValueError(
             f"vectors {vectors.shape} must be score's shape {score.shape} plus a column axis."
         )
+    score = check_finite("score", score, where)
+    vectors = check_finite("vectors", vectors, where)
+    score = check(
+        score,
+        jnp.all(score == 0, axis=-1),
+        f"{where}: score is zero at some point, where it has no direction; leave such points out.",
+    )
+    vectors = check(vectors, jnp.all(vectors == 0, axis=-2), f"{where}: vectors has a zero column.")
     unit = score / jnp.linalg.norm(score, axis=-1, keepdims=True)
     qn = vectors / jnp.linalg.norm(vectors, axis=-2, keepdims=True)
     return jnp.abs(jnp.einsum("...n,...nk->...k", unit, qn))

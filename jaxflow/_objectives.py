@@ -16,16 +16,22 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._learned import check_parameterisation, target
+from ._misc import as_batch, check_key, check_number, check_positive_int
 from ._paths import AbstractPath
 
 COUPLINGS = ("independent", "ot")
 
 
 def ot_pairing(
-    x: Float[Array, "b n"], z: Float[Array, "b n"], key: PRNGKeyArray, *, iters: int = 200
+    x: Float[Array, "b n"],
+    z: Float[Array, "b n"],
+    key: PRNGKeyArray,
+    *,
+    iters: int | np.integer = 200,
 ) -> Float[Array, "b n"]:
     """Re-pair the noise `z` with the data `x` by a minibatch optimal-transport plan
     for the squared distance (Tong et al. 2024, OT-CFM): entropic OT by log-domain
@@ -33,9 +39,22 @@ def ot_pairing(
     a noise point drawn from its row of the plan.
 
     **Returns:** `z` reordered (with repetition, as the plan dictates) to pair with `x`.
+
+    **Raises:** `ValueError` for `x`, `z` not finite batches `(b, n)` of one shape
+    (a non-finite entry raises at run time under `jit`), a `key` that is not one PRNG
+    key, or `iters` not a positive int.
     """
+    where = "ot_pairing"
+    x, z = as_batch("x", x, where), as_batch("z", z, where)
+    if x.shape != z.shape:
+        raise ValueError(
+            f"{where}: x and z must have one shape (b, n), got {x.shape} and {z.shape}."
+        )
+    key = check_key("key", key)
+    iters = check_positive_int("iters", iters)
     cost = jnp.sum((x[:, None, :] - z[None, :, :]) ** 2, axis=-1)
-    eps = 0.01 * jnp.mean(cost)
+    # the regularisation; tiny where every cost is 0 (all points equal: any plan is optimal)
+    eps = jnp.maximum(0.01 * jnp.mean(cost), jnp.finfo(cost.dtype).tiny)
     b = x.shape[0]
     log_mu = -jnp.log(b) * jnp.ones(b, cost.dtype)
 
@@ -86,7 +105,15 @@ def flow_matching_loss(
     - `t_margin`: keeps `t` off the ends, where some targets divide by zero.
 
     **Returns:** the scalar loss.
+
+    **Raises:** `ValueError` for an unknown `parameterisation` or `coupling`, a
+    combination of them (or a `source`) that has no meaning, a `path` that is not
+    an `AbstractPath`, `x` not a finite batch `(b, n)` with `b >= 1` (under `jit`,
+    a non-finite entry raises at run time), a `key` that is not one PRNG key, a
+    `t_margin` outside `[0, 0.5)`, and a `network` or `source` that answers in
+    another shape.
     """
+    where = "flow_matching_loss"
     check_parameterisation(parameterisation)
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}.")
@@ -97,9 +124,11 @@ def flow_matching_loss(
             "a non-Gaussian source leaves only the velocity target meaningful; use "
             "parameterisation='velocity'."
         )
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a batch of shape (b, n), got {x.shape}.")
+    if not isinstance(path, AbstractPath):
+        raise ValueError(f"{where} needs an AbstractPath, got {type(path).__name__}.")
+    x = as_batch("x", x, where)
+    key = check_key("key", key)
+    t_margin = check_number("t_margin", t_margin, 0, 0.5, open_high=True)
     kt, kz, kp = jax.random.split(key, 3)
     b = x.shape[0]
     lo = path.t_data + t_margin * path.t_noise
@@ -118,7 +147,12 @@ def flow_matching_loss(
 
     def one(x, z, t):
         xt = path.alpha(t) * x + path.sigma(t) * z
-        err = network(xt, t) - target(path, parameterisation, x, z, t)
+        out = jnp.asarray(network(xt, t))
+        if out.shape != x.shape:
+            raise ValueError(
+                f"{where}: network(x, t) must return a point's shape {x.shape}, got {out.shape}."
+            )
+        err = out - target(path, parameterisation, x, z, t)
         return jnp.sum(err**2)
 
     return jnp.mean(jax.vmap(one)(x, z, t))
@@ -129,5 +163,7 @@ def denoising_score_matching_loss(
 ) -> Float[Array, ""]:
     """`E |eps_theta(alpha X + sigma Z, t) - Z|^2` (paper 002 eq. 4.33-4.34): the
     noise-parameterised objective; read the network with
-    `LearnedField(network, path, 'noise')`."""
+    `LearnedField(network, path, 'noise')`.
+
+    **Raises:** as `flow_matching_loss`."""
     return flow_matching_loss(network, path, x, key, parameterisation="noise")

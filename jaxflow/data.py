@@ -18,10 +18,12 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._laws import GaussianMixture, GaussianNeighbours
-from ._misc import check_positive_int
+from ._misc import check_key, check_number, check_positive_int
+
+_DATA = "pip install 'jaxflow[data]'"
 
 
-def digits(size: int = 8, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def digits(size: int | np.integer = 8, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The 1797 real 8x8 handwritten digits that ship with scikit-learn (no
     download), as `(images, labels)`.
 
@@ -56,7 +58,7 @@ def digits(size: int = 8, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
 def mnist(
     split: str = "train",
     *,
-    size: int = 28,
+    size: int | np.integer = 28,
     data_dir: str | None = None,
     download: bool = True,
     dtype=np.float32,
@@ -79,16 +81,41 @@ def mnist(
     - `dtype`: of the images.
 
     **Returns:** images `(N, size * size)` in `[-1, 1]` (ink is +1) and labels `(N,)`.
+
+    **Raises:** `ValueError` for a `size` other than 28 or 32; `ImportError` naming
+    `pip install 'jaxflow[data]'` (with the module that failed to import, the
+    original error chained) when tensorflow-datasets or anything it imports is
+    missing, including TensorFlow when the data must first be prepared;
+    `FileNotFoundError` with `download=False` when the data are not prepared under
+    `data_dir`.
     """
     if size not in (28, 32):
         raise ValueError(f"size must be 28 or 32, got {size!r}.")
+    where = data_dir or "~/tensorflow_datasets"
+    prepare = (
+        "Preparing the data, once, needs TensorFlow too (pip install tensorflow-cpu): "
+        f"call jaxflow.data.mnist(data_dir={data_dir!r}) with download=True, or run "
+        f"`tfds build mnist --file_format=array_record --data_dir {where}`; later calls "
+        "read the prepared files without TensorFlow."
+    )
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:
+
+        source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=download)
+    except ImportError as e:  # tfds itself, or anything it imports on the way
+        missing = e.name or "a module"
         raise ImportError(
-            "jaxflow.data.mnist needs tensorflow-datasets: pip install 'jaxflow[data]'."
+            f"jaxflow.data.mnist needs tensorflow-datasets and its dependencies: "
+            f"importing {missing!r} failed ({e}). Install them with {_DATA}"
+            f"{f' (here: pip install {e.name})' if e.name else ''}. {prepare}"
         ) from e
-    source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=download)
+    except NotImplementedError as e:  # tfds' complaint when nothing is prepared
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"jaxflow.data.mnist(download=False): MNIST is not prepared under {where} "
+            f"(as the array_record files it reads). {prepare}"
+        ) from e
     records = [source[i] for i in range(len(source))]
     if not records:
         raise ValueError(f"the MNIST split {split!r} is empty.")
@@ -101,14 +128,17 @@ def mnist(
 
 
 def two_moons(
-    key: PRNGKeyArray, n: int, *, noise: float = 0.05, dtype=jnp.float32
+    key: PRNGKeyArray, n: int | np.integer, *, noise: float = 0.05, dtype=jnp.float32
 ) -> Float[Array, "n 2"]:
     """`n` points on the two moons (upper `(cos u, sin u)`, lower
     `(1 - cos u, 1/2 - sin u)`, `u` uniform on `[0, pi]`, each moon with
-    probability 1/2), plus Gaussian noise of standard deviation `noise`."""
-    n = check_positive_int("n", n)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}.")
+    probability 1/2), plus Gaussian noise of standard deviation `noise`.
+
+    **Raises:** `ValueError` for a `key` that is not one PRNG key, `n` not a positive
+    int, `noise` not a finite number `>= 0`, or a `dtype` that is not floating.
+    """
+    n = _check_sampler(key, n, dtype)
+    noise = check_number("noise", noise, 0)
     ku, km, kn = jax.random.split(key, 3)
     u = jax.random.uniform(ku, (n,), dtype, 0.0, math.pi)
     lower = jax.random.bernoulli(km, 0.5, (n,))
@@ -118,15 +148,37 @@ def two_moons(
     return x + noise * jax.random.normal(kn, (n, 2), dtype)
 
 
+def _check_dtype(dtype) -> None:
+    """`dtype` floating (or `None`, the default float)."""
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
+
+
+def _check_sampler(key, n, dtype) -> int:
+    """A sampler's key, count and dtype; returns `n` as an int."""
+    check_key("key", key)
+    _check_dtype(dtype)
+    return check_positive_int("n", n)
+
+
 def eight_gaussians(
-    key: PRNGKeyArray, n: int, *, radius: float = 2.0, scale: float = 0.1, dtype=jnp.float32
+    key: PRNGKeyArray,
+    n: int | np.integer,
+    *,
+    radius: float = 2.0,
+    scale: float = 0.1,
+    dtype=jnp.float32,
 ) -> Float[Array, "n 2"]:
     """`n` points from eight equally weighted Gaussians of standard deviation
     `scale` centred on a circle of `radius` (the usual source or target of the
-    flow-matching literature)."""
-    n = check_positive_int("n", n)
-    if radius <= 0 or scale <= 0:
-        raise ValueError(f"radius and scale must be > 0, got {radius}, {scale}.")
+    flow-matching literature).
+
+    **Raises:** as `two_moons`, and for `radius` or `scale` not a finite number
+    `> 0`.
+    """
+    n = _check_sampler(key, n, dtype)
+    radius = check_number("radius", radius, 0, open_low=True)
+    scale = check_number("scale", scale, 0, open_low=True)
     kc, kn = jax.random.split(key)
     angle = 2 * math.pi * jax.random.randint(kc, (n,), 0, 8).astype(dtype) / 8
     centres = radius * jnp.stack([jnp.cos(angle), jnp.sin(angle)], -1)
@@ -146,6 +198,7 @@ FIG3_VARIANCE = 0.01
 
 def fig3_mixture(dtype=None) -> GaussianMixture:
     """The three-component 2-D mixture used for paper 000 Fig. 3 and Fig. 4."""
+    _check_dtype(dtype)
     return GaussianMixture(
         jnp.asarray(FIG3_WEIGHTS, dtype),
         jnp.asarray(FIG3_MEANS, dtype),
@@ -159,14 +212,17 @@ def _box_mass_per_coordinate(beta: float) -> float:
     return math.erf(beta / math.sqrt(2)) + 2 / beta * (phi(beta) - phi(0.0))
 
 
-def width_for_box_mass(n: int, side: float, alpha: float) -> float:
+def width_for_box_mass(n: int | np.integer, side: float, alpha: float) -> float:
     """The width `w` for which a component on a cube of side `side` in `n` dimensions
     keeps mass `alpha` inside its cube (paper 000 Assumption 4.4.4 with a fixed
-    `alpha`; `w` then shrinks like `side / n`, as the proof of Theorem 4.3 needs)."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
-    if n < 1 or side <= 0:
-        raise ValueError(f"need n >= 1 and side > 0, got n={n}, side={side}.")
+    `alpha`; `w` then shrinks like `side / n`, as the proof of Theorem 4.3 needs).
+
+    **Raises:** `ValueError` for `n` not a positive int, `side` not a finite number
+    `> 0`, or `alpha` outside `(0, 1)`.
+    """
+    n = check_positive_int("n", n)
+    side = check_number("side", side, 0, open_low=True)
+    alpha = check_number("alpha", alpha, 0, 1, open_low=True, open_high=True)
     target = math.log(alpha) / n
     lo, hi = 1e-6, 1e12  # beta = side / w; the per-coordinate mass rises with beta
     for _ in range(200):
@@ -179,12 +235,25 @@ def width_for_box_mass(n: int, side: float, alpha: float) -> float:
 
 
 def sparse_neighbours(
-    n: int, m: int = 3, side: float = 0.05, alpha: float = 0.5, seed: int = 0, dtype=None
+    n: int | np.integer,
+    m: int | np.integer = 3,
+    side: float = 0.05,
+    alpha: float = 0.5,
+    seed: int | np.integer = 0,
+    dtype=None,
 ) -> GaussianNeighbours:
     """A mixture of Gaussian neighbours meeting paper 000 Assumption 4.4: `m` (fixed)
     cubes of side `side` at random places in `[0.1, 0.9]^n`, at least one side apart,
     equal weights, widths from `width_for_box_mass` so each keeps mass `alpha` in its
-    own cube whatever `n`."""
+    own cube whatever `n`.
+
+    **Raises:** `ValueError` for `n` or `m` not a positive int, `side` outside
+    `(0, 0.8)` (the cubes' corners are drawn in `[0.1, 0.9 - side]`), and as
+    `width_for_box_mass`.
+    """
+    n, m = check_positive_int("n", n), check_positive_int("m", m)
+    _check_dtype(dtype)
+    side = check_number("side", side, 0, 0.8, open_low=True, open_high=True)
     rng = np.random.default_rng(seed)
     for _ in range(1000):
         lower = rng.uniform(0.1, 0.9 - side, (m, n))
@@ -203,12 +272,31 @@ def sparse_neighbours(
     )
 
 
+#: The most cubes `tiling_neighbours` builds (`k ** n` grows fast: `10 ** 30` would
+#: never finish).
+MAX_TILING_CUBES = 1_000_000
+
+
 def tiling_neighbours(
-    n: int, k: int, width: float = 0.01, side: float = 0.02, dtype=None
+    n: int | np.integer, k: int | np.integer, width: float = 0.01, side: float = 0.02, dtype=None
 ) -> GaussianNeighbours:
     """`k^n` small cubes centred on a regular grid of `[0, 1]^n`: density is low between
     the cubes while their basins tile noise space, so `G^{-1}(x)` of a uniform `x`
-    stays moderate and the bound of paper 000 Theorem 4.1 is informative."""
+    stays moderate and the bound of paper 000 Theorem 4.1 is informative.
+
+    **Raises:** `ValueError` for `n` or `k` not a positive int, more than
+    `MAX_TILING_CUBES` cubes (`k ** n`), `width` not a finite number `> 0`, or
+    `side` outside `(0, 1 / k]` (the cubes would overlap).
+    """
+    n, k = check_positive_int("n", n), check_positive_int("k", k)
+    if k**n > MAX_TILING_CUBES:
+        raise ValueError(
+            f"tiling_neighbours({n}, {k}) would build k ** n = {k}**{n} cubes, more than "
+            f"{MAX_TILING_CUBES:,}; take a smaller k or n."
+        )
+    width = check_number("width", width, 0, open_low=True)
+    _check_dtype(dtype)
+    side = check_number("side", side, 0, 1 / k, open_low=True)
     c = (np.arange(k) + 0.5) / k
     centres = np.array(list(itertools.product(c, repeat=n)))
     m = len(centres)

@@ -18,7 +18,10 @@ from typing import Any, final
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Real
+
+from .._misc import check_network_input
 
 _INSTALL = 'pip install "jaxflow[flax]"'
 
@@ -34,6 +37,19 @@ def _import(name: str, wrapper: str):
             f"{wrapper} needs flax, which is not installed: {_INSTALL} (or pip install flax)."
         ) from e
     return module
+
+
+def _call(wrapper: str, fn, x, t):
+    """`fn(x, t)` for one point `x` `(n,)` and a scalar `t`, checked to answer in
+    `x`'s shape (a `ValueError` naming both shapes, at trace time)."""
+    x = check_network_input(wrapper, x, t)
+    out = fn(x, t)
+    if jnp.shape(out) != x.shape:
+        raise ValueError(
+            f"{wrapper}: the network maps a point of shape {x.shape} to shape "
+            f"{jnp.shape(out)}; a jaxflow network returns the point's shape (n,)."
+        )
+    return out
 
 
 def _check_arrays(tree, what: str, wrapper: str) -> None:
@@ -89,7 +105,8 @@ class FlaxNNX(eqx.Module):
 
     **Raises:** `ImportError` without flax (`pip install "jaxflow[flax]"`);
     `ValueError` for a non-`nnx.Module`, non-parameter state, or abstract
-    parameters.
+    parameters; at call time, for `x` not one point `(n,)`, `t` not a scalar, or
+    an output not of `x`'s shape.
     """
 
     graphdef: Any = eqx.field(static=True)
@@ -140,7 +157,7 @@ class FlaxNNX(eqx.Module):
 
         **Returns:** `module(x, t)`, shape `(n,)`.
         """
-        return self.module(x, t)
+        return _call("FlaxNNX", self.module, x, t)
 
 
 @final
@@ -169,7 +186,7 @@ class FlaxLinen(eqx.Module):
     **Raises:** `ImportError` without flax (`pip install "jaxflow[flax]"`);
     `ValueError` for a module that is neither a linen module nor callable, for
     variables that are not `{"params": ...}` of arrays, or for an unhashable
-    apply function.
+    apply function; at call time, as `FlaxNNX`.
     """
 
     apply_fn: Callable = eqx.field(static=True)
@@ -221,7 +238,7 @@ class FlaxLinen(eqx.Module):
 
         **Returns:** `apply(variables, x, t)`, shape `(n,)`.
         """
-        return self.apply_fn(self.variables, x, t)
+        return _call("FlaxLinen", lambda x, t: self.apply_fn(self.variables, x, t), x, t)
 
 
 def _unfreeze(tree):

@@ -12,13 +12,30 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._misc import check_positive_int
+from .._misc import check_nonnegative_int, check_number, check_positive_int
 
 
-def group_count(groups: int, channels: int) -> int:
-    """The largest group count up to `groups` that divides `channels`."""
+def _check_image(where: str, x, channels: int) -> None:
+    """`x` a channel-last image `(H, W, channels)`."""
+    shape = jnp.shape(x)
+    if len(shape) != 3 or shape[-1] != channels:
+        raise ValueError(
+            f"{where} takes a channel-last image (H, W, {channels}), got shape {shape}."
+        )
+
+
+def group_count(groups: int | np.integer, channels: int | np.integer) -> int:
+    """The largest group count up to `groups` that divides `channels`.
+
+    **Raises:** `ValueError` for `groups` or `channels` not a positive int.
+    """
+    groups, channels = (
+        check_positive_int("groups", groups),
+        check_positive_int("channels", channels),
+    )
     return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
@@ -33,6 +50,10 @@ class Conv(eqx.Module):
     - `kernel`: the (square) kernel size.
     - `stride`, `padding`: as for `jax.lax.conv_general_dilated`, on both axes.
     - `key`: initialisation key.
+
+    **Raises:** `ValueError` for `c_in`, `c_out`, `kernel` or `stride` not a positive
+    int, or `padding` not an int `>= 0`; at call time, for an input that is not
+    `(H, W, c_in)`.
     """
 
     weight: Float[Array, "kh kw c_in c_out"]
@@ -42,16 +63,18 @@ class Conv(eqx.Module):
 
     def __init__(
         self,
-        c_in: int,
-        c_out: int,
-        kernel: int,
+        c_in: int | np.integer,
+        c_out: int | np.integer,
+        kernel: int | np.integer,
         *,
-        stride: int = 1,
-        padding: int = 0,
+        stride: int | np.integer = 1,
+        padding: int | np.integer = 0,
         key: PRNGKeyArray,
     ):
         for name, value in (("c_in", c_in), ("c_out", c_out), ("kernel", kernel)):
             check_positive_int(name, value)
+        stride = check_positive_int("stride", stride)
+        padding = check_nonnegative_int("padding", padding)
         kw, kb = jax.random.split(key)
         lim = 1.0 / math.sqrt(kernel * kernel * c_in)
         self.weight = jax.random.uniform(kw, (kernel, kernel, c_in, c_out), minval=-lim, maxval=lim)
@@ -60,6 +83,7 @@ class Conv(eqx.Module):
         self.padding = padding
 
     def __call__(self, x: Float[Array, "h w c_in"]) -> Float[Array, "h2 w2 c_out"]:
+        _check_image("Conv", x, self.weight.shape[2])
         p = self.padding
         y = jax.lax.conv_general_dilated(
             x[None],
@@ -81,6 +105,10 @@ class GroupNorm(eqx.Module):
     - `groups`: number of groups; divides `channels`.
     - `channels`: number of channels.
     - `eps`: added to the variance.
+
+    **Raises:** `ValueError` for `groups` or `channels` not a positive int, `groups`
+    not dividing `channels`, or `eps` not a finite number `> 0`; at call time, for an
+    input that is not `(H, W, channels)`.
     """
 
     weight: Float[Array, " c"]
@@ -88,8 +116,10 @@ class GroupNorm(eqx.Module):
     groups: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
-    def __init__(self, groups: int, channels: int, eps: float = 1e-5):
-        check_positive_int("groups", groups)
+    def __init__(self, groups: int | np.integer, channels: int | np.integer, eps: float = 1e-5):
+        groups = check_positive_int("groups", groups)
+        channels = check_positive_int("channels", channels)
+        eps = check_number("eps", eps, 0, open_low=True, static=True)
         if channels % groups:
             raise ValueError(
                 f"groups ({groups}) must divide channels ({channels}); "
@@ -101,6 +131,7 @@ class GroupNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h w c"]:
+        _check_image("GroupNorm", x, self.weight.shape[0])
         h, w, c = x.shape
         g = x.reshape(h, w, self.groups, c // self.groups)
         mean = jnp.mean(g, axis=(0, 1, 3), keepdims=True)
@@ -121,6 +152,9 @@ class ResBlock(eqx.Module):
     - `groups`: GroupNorm groups (the largest divisor of each layer's channels up
       to this).
     - `key`: initialisation key.
+
+    **Raises:** `ValueError` for a size or `groups` not a positive int; at call
+    time, for an image that is not `(H, W, c_in)` or an embedding not `(t_dim,)`.
     """
 
     norm1: GroupNorm
@@ -130,7 +164,16 @@ class ResBlock(eqx.Module):
     conv2: Conv
     skip: Conv | None
 
-    def __init__(self, c_in: int, c_out: int, t_dim: int, groups: int, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        c_in: int | np.integer,
+        c_out: int | np.integer,
+        t_dim: int | np.integer,
+        groups: int | np.integer,
+        *,
+        key: PRNGKeyArray,
+    ):
+        check_positive_int("t_dim", t_dim)
         k1, k2, k3, k4 = jax.random.split(key, 4)
         self.norm1 = GroupNorm(group_count(groups, c_in), c_in)
         self.conv1 = Conv(c_in, c_out, 3, padding=1, key=k1)
@@ -142,6 +185,11 @@ class ResBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "h w c_in"], emb: Float[Array, " t_dim"]
     ) -> Float[Array, "h w c_out"]:
+        t_dim = self.time.in_features
+        if jnp.shape(emb) != (t_dim,):
+            raise ValueError(
+                f"ResBlock takes a time embedding of shape ({t_dim},), got {jnp.shape(emb)}."
+            )
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = h + self.time(emb)
         h = self.conv2(jax.nn.silu(self.norm2(h)))
@@ -158,12 +206,24 @@ class SelfAttention(eqx.Module):
     - `heads`: attention heads.
     - `groups`: GroupNorm groups, as for `ResBlock`.
     - `key`: initialisation key.
+
+    **Raises:** `ValueError` for `channels`, `heads` or `groups` not a positive int,
+    or `heads` not dividing `channels`.
     """
 
     norm: GroupNorm
     attn: eqx.nn.MultiheadAttention
 
-    def __init__(self, channels: int, heads: int, groups: int, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        channels: int | np.integer,
+        heads: int | np.integer,
+        groups: int | np.integer,
+        *,
+        key: PRNGKeyArray,
+    ):
+        if check_positive_int("channels", channels) % check_positive_int("heads", heads):
+            raise ValueError(f"heads ({heads}) must divide channels ({channels}).")
         self.norm = GroupNorm(group_count(groups, channels), channels)
         self.attn = eqx.nn.MultiheadAttention(heads, channels, key=key)
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
-from .._misc import check_positive_int
-from ._embedding import sinusoidal_embedding
+from .._misc import check_key, check_network_input, check_positive_int
+from ._embedding import check_time_embedding, sinusoidal_embedding
 from ._layers import Conv, GroupNorm, ResBlock, SelfAttention, group_count
 
 
@@ -120,6 +120,12 @@ class UNet(eqx.Module):
       up to this).
     - `time_dim`, `time_scale`: the time embedding, as for `MLP`.
     - `key`: initialisation key.
+
+    **Raises:** `ValueError` for an `image_shape` that is not three positive ints or
+    whose `H`, `W` the levels cannot halve, `channels`, `blocks`, `heads`, `groups`
+    or a multiplier not a positive int, no multipliers, `heads` not dividing the
+    coarsest channels, a bad time embedding (as `MLP`) or `key`; at call time, for
+    `x` not a flat image `(C * H * W,)` or `t` not a scalar.
     """
 
     image_shape: tuple[int, int, int] = eqx.field(static=True)
@@ -137,34 +143,49 @@ class UNet(eqx.Module):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int],
-        channels: int = 32,
-        multipliers: tuple[int, ...] = (1, 2),
-        blocks: int = 1,
+        image_shape: tuple[int | np.integer, int | np.integer, int | np.integer],
+        channels: int | np.integer = 32,
+        multipliers: tuple[int | np.integer, ...] = (1, 2),
+        blocks: int | np.integer = 1,
         *,
-        heads: int = 4,
-        groups: int = 8,
-        time_dim: int = 64,
+        heads: int | np.integer = 4,
+        groups: int | np.integer = 8,
+        time_dim: int | np.integer = 64,
         time_scale: float = 1000.0,
         key: PRNGKeyArray,
     ):
-        if len(image_shape) != 3:
+        shape = tuple(image_shape) if np.ndim(image_shape) == 1 else ()
+        if len(shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}.")
-        c_img, height, width = image_shape
+        c_img, height, width = (
+            check_positive_int(f"image_shape's {name}", value)
+            for name, value in zip("CHW", shape, strict=True)
+        )
+        multipliers = tuple(multipliers)
+        if not multipliers:
+            raise ValueError("multipliers is empty; give one entry per level, e.g. (1, 2).")
+        multipliers = tuple(check_positive_int("each multiplier", m) for m in multipliers)
         factor = 2 ** (len(multipliers) - 1)
         if height % factor or width % factor:
             raise ValueError(
                 f"H and W ({height}, {width}) must be divisible by {factor} for "
                 f"{len(multipliers)} levels; pad the images or use fewer multipliers."
             )
-        for name, value in (("channels", channels), ("blocks", blocks), ("heads", heads)):
+        channels, blocks, heads, groups = (
             check_positive_int(name, value)
-        if time_dim % 2:
-            raise ValueError(f"time_dim must be even, got {time_dim}.")
+            for name, value in (
+                ("channels", channels),
+                ("blocks", blocks),
+                ("heads", heads),
+                ("groups", groups),
+            )
+        )
+        time_dim, time_scale = check_time_embedding(time_dim, time_scale)
+        check_key("key", key)
         widths = [channels * m for m in multipliers]
         if widths[-1] % heads:
             raise ValueError(f"heads ({heads}) must divide the coarsest channels ({widths[-1]}).")
-        self.image_shape = tuple(image_shape)
+        self.image_shape = (c_img, height, width)
         self.time_dim = time_dim
         self.time_scale = time_scale
         # the layers are built abstractly and filled from one uniform draw: building
@@ -181,8 +202,8 @@ class UNet(eqx.Module):
 
     def __call__(self, x: Float[Array, "..."], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
         n = math.prod(self.image_shape)
-        if x.shape != (n,):
-            raise ValueError(f"UNet takes flat images of shape ({n},), got {x.shape}.")
+        where = "UNet (on flat images, {}x{}x{})".format(*self.image_shape)
+        x = check_network_input(where, x, t, n)
         emb = sinusoidal_embedding(t, self.time_dim, self.time_scale).astype(x.dtype)
         emb = self.time_mlp[1](jax.nn.silu(self.time_mlp[0](emb)))
         h = self.conv_in(jnp.transpose(x.reshape(self.image_shape), (1, 2, 0)))
