@@ -43,17 +43,19 @@ def ddpm_coefficients(
     path: AbstractPath, t: Real[ArrayLike, ""], t_next: Real[ArrayLike, ""]
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
     """`(c_x, c_0, var)` with `X_{t_next} | X_t = x, X_0 = x0 ~ N(c_x x + c_0 x0, var I)`
-    (paper 002 eq. 4.23-4.24 on the OU path), for `t_data <= t_next < t`.
+    (paper 002 eq. 4.23-4.24 on the OU path), for `t_data <= t_next <= t`
+    (`t_next = t` is the step that does not move: `(1, 0, 0)`, as a padded grid
+    repeats its last time).
 
     **Arguments:**
 
     - `path`: any Gaussian path.
-    - `t`, `t_next`: the step's times, `t_next < t` (towards the data), `t > t_data`.
+    - `t`, `t_next`: the step's times, `t_next <= t` (towards the data), `t > t_data`.
 
     **Returns:** the mean's coefficients on `x` and on `x0`, and the variance.
 
     **Raises:** `ValueError` for a `path` that is not an `AbstractPath`, times that
-    are not finite scalars, and unless `t_data <= t_next < t <= t_noise` (under
+    are not finite scalars, and unless `t_data <= t_next <= t <= t_noise` (under
     `jit`, an error at run time).
     """
     if not isinstance(path, AbstractPath):
@@ -63,20 +65,20 @@ def ddpm_coefficients(
     t = check_number("t", t)
     t_next = check_number("t_next", t_next)
     if is_concrete(t, t_next):
-        if not t_next < t:
+        if not t_next <= t:
             raise ValueError(
-                f"a DDPM step goes towards the data: need t_next < t, got {t_next} >= {t}."
+                f"a DDPM step goes towards the data: need t_next <= t, got {t_next} > {t}."
             )
         if not path.t_data <= t_next:
             raise ValueError(f"t_next = {t_next} lies before the data end {path.t_data}.")
         if not t <= path.t_noise:
             raise ValueError(f"t = {t} lies past the noise end {path.t_noise}.")
         return _coefficients(path, t, t_next)
-    ok = (t_next < t) & (t_next >= path.t_data) & (t <= path.t_noise)
+    ok = (t_next <= t) & (t_next >= path.t_data) & (t <= path.t_noise)
     return eqx.error_if(
         _coefficients(path, t, t_next),
         ~ok,
-        "ddpm_coefficients: need t_data <= t_next < t <= t_noise (a DDPM step goes "
+        "ddpm_coefficients: need t_data <= t_next <= t <= t_noise (a DDPM step goes "
         "towards the data).",
     )
 

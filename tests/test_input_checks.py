@@ -244,7 +244,7 @@ BAD = {
         lambda: jf.sample_sde(FIELD, Z2, KEY, t_noise=0.3, t_data=0.5),
         "t_data < t_noise",
     ),
-    "ddpm_coefficients order": (lambda: jf.ddpm_coefficients(PATH, 0.3, 0.5), "t_next < t"),
+    "ddpm_coefficients order": (lambda: jf.ddpm_coefficients(PATH, 0.3, 0.5), "t_next <= t"),
     "ddpm_coefficients nan": (lambda: jf.ddpm_coefficients(PATH, np.nan, 0.5), "t must be"),
     "ddpm_coefficients path": (lambda: jf.ddpm_coefficients(FIELD, 0.5, 0.3), "AbstractPath"),
     "reverse step h < 0": (
@@ -401,7 +401,7 @@ TRACED = {
     ),
     "ddpm_coefficients order under jit": (
         lambda: jax.jit(lambda t, s: jf.ddpm_coefficients(PATH, t, s))(0.3, 0.5),
-        "t_next < t",
+        "t_next <= t",
     ),
     "reverse step h under jit": (
         lambda: jax.jit(lambda h: jf.reverse_sde_step(FIELD, ONE2, 0.5, h, ONE2))(-0.1),

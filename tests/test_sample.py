@@ -121,8 +121,10 @@ def test_last_step_to_the_data_end_returns_the_denoiser():
 
 def test_bad_input_raises():
     p = jf.OrnsteinUhlenbeck()
-    with pytest.raises(ValueError, match="t_next < t"):
-        jf.ddpm_coefficients(p, 1.0, 1.0)
+    with pytest.raises(ValueError, match="t_next <= t"):
+        jf.ddpm_coefficients(p, 0.5, 1.0)
+    # t_next = t is the step that does not move
+    np.testing.assert_allclose(jf.ddpm_coefficients(p, 1.0, 1.0), (1.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="data end"):
         jf.ddpm_coefficients(p, 1.0, -0.1)
     with pytest.raises(ValueError, match="noise end"):
