@@ -8,6 +8,7 @@ import re
 import types
 
 import jaxflow as jf
+import jaxflow.diffusers as jfd
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api"
 
@@ -30,6 +31,7 @@ def test_every_public_name_is_documented_once():
         _public(jf, "jaxflow.")
         + _public(jf.nn, "jaxflow.nn.")
         + _public(jf.data, "jaxflow.data.", defined_in="jaxflow.data")
+        + _public(jfd, "jaxflow.diffusers.")
     )
     seen = collections.defaultdict(list)
     for page in DOCS.glob("*.md"):
@@ -37,7 +39,7 @@ def test_every_public_name_is_documented_once():
             seen[match.group(1)].append(page.name)
     missing = sorted(set(public) - set(seen))
     twice = {name: pages for name, pages in seen.items() if len(pages) > 1}
-    unknown = sorted(set(seen) - set(public) - {"jaxflow.nn", "jaxflow.data"})
+    unknown = sorted(set(seen) - set(public) - {"jaxflow.nn", "jaxflow.data", "jaxflow.diffusers"})
     assert not missing, f"public names without an API entry in docs/api: {missing}"
     assert not twice, f"documented on several pages: {twice}"
     assert not unknown, f"API entries for names that are not public: {unknown}"
