@@ -10,34 +10,15 @@ Importing this module needs torch and diffusers: tests call
 import numpy as np
 import torch
 
-SD3_CONFIG = dict(
-    sample_size=32,
-    patch_size=2,
-    in_channels=16,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=32,
-    caption_projection_dim=32,
-    pooled_projection_dim=24,
-    out_channels=16,
-    pos_embed_max_size=32,
-    qk_norm="rms_norm",
-    dual_attention_layers=(0,),
-)
+from jaxflow.diffusers import transformer_config
 
-FLUX_CONFIG = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=24,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
+
+def _without_class(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+SD3_CONFIG = _without_class(transformer_config("tiny-sd3"))
+FLUX_CONFIG = _without_class(transformer_config("tiny-flux"))
 
 VAE_CONFIG = dict(
     in_channels=3,

@@ -15,6 +15,7 @@ z = jf.invert(field, model.encode(image), solver="euler", times=model.times(500)
 ```
 """
 
+from ._configs import transformer_config as transformer_config
 from ._load import load as load
 from ._model import AbstractDiffusersModel as AbstractDiffusersModel
 from ._model import FluxModel as FluxModel

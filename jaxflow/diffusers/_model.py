@@ -245,7 +245,11 @@ class AbstractDiffusersModel(eqx.Module):
         return latents[0] if single else latents
 
     def decode(
-        self, latents: Float[ArrayLike, "*b n"], *, height: int | None = None, width: int | None = None
+        self,
+        latents: Float[ArrayLike, "*b n"],
+        *,
+        height: int | None = None,
+        width: int | None = None,
     ) -> np.ndarray:
         """Flat latents back to images `(H, W, 3)` or `(B, H, W, 3)` in `[0, 1]`
         (float32 NumPy): `latents / scaling_factor + shift_factor`, the VAE's

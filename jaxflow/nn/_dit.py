@@ -165,6 +165,24 @@ def gelu_tanh(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+class FeedForward(eqx.Module):
+    """diffusers' `FeedForward(activation_fn="gelu-approximate")`: `dim -> 4 dim
+    -> dim` with a tanh-GELU."""
+
+    proj_in: Linear
+    proj_out: Linear
+
+    @classmethod
+    def read(cls, weights: Weights, prefix: str, dim: int):
+        return cls(
+            Linear.read(weights, f"{prefix}.net.0.proj", dim, 4 * dim),
+            Linear.read(weights, f"{prefix}.net.2", 4 * dim, dim),
+        )
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        return self.proj_out(gelu_tanh(self.proj_in(x)))
+
+
 def attention(
     q: Float[Array, "l h d"], k: Float[Array, "m h d"], v: Float[Array, "m h d"]
 ) -> Float[Array, "l h d"]:

@@ -18,6 +18,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
 from ._dit import (
+    FeedForward,
     Linear,
     MLPEmbedding,
     Weights,
@@ -80,23 +81,6 @@ def _heads(x: Array, head_dim: int) -> Array:
     return x.reshape(x.shape[0], -1, head_dim)
 
 
-class _FeedForward(eqx.Module):
-    """diffusers' `FeedForward(activation_fn="gelu-approximate")`."""
-
-    proj_in: Linear
-    proj_out: Linear
-
-    @classmethod
-    def read(cls, weights: Weights, prefix: str, dim: int):
-        return cls(
-            Linear.read(weights, f"{prefix}.net.0.proj", dim, 4 * dim),
-            Linear.read(weights, f"{prefix}.net.2", 4 * dim, dim),
-        )
-
-    def __call__(self, x: Array) -> Array:
-        return self.proj_out(gelu_tanh(self.proj_in(x)))
-
-
 class _DoubleBlock(eqx.Module):
     """diffusers' `FluxTransformerBlock`: AdaLN-Zero modulated joint attention and
     MLPs, with separate weights for the image and the text stream."""
@@ -115,8 +99,8 @@ class _DoubleBlock(eqx.Module):
     norm_k: Float[Array, " d_head"]
     norm_added_q: Float[Array, " d_head"]
     norm_added_k: Float[Array, " d_head"]
-    ff: _FeedForward
-    ff_context: _FeedForward
+    ff: FeedForward
+    ff_context: FeedForward
     head_dim: int = eqx.field(static=True)
 
     @classmethod
@@ -137,8 +121,8 @@ class _DoubleBlock(eqx.Module):
             norm_k=weights.take(f"{a}.norm_k.weight", (head_dim,)),
             norm_added_q=weights.take(f"{a}.norm_added_q.weight", (head_dim,)),
             norm_added_k=weights.take(f"{a}.norm_added_k.weight", (head_dim,)),
-            ff=_FeedForward.read(weights, f"{prefix}.ff", dim),
-            ff_context=_FeedForward.read(weights, f"{prefix}.ff_context", dim),
+            ff=FeedForward.read(weights, f"{prefix}.ff", dim),
+            ff_context=FeedForward.read(weights, f"{prefix}.ff_context", dim),
             head_dim=head_dim,
         )
 

@@ -12,11 +12,11 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
 from ._dit import (
+    FeedForward,
     Linear,
     MLPEmbedding,
     Weights,
     attention,
-    gelu_tanh,
     layer_norm,
     rms_norm,
     scan_blocks,
@@ -44,23 +44,6 @@ _DEFAULTS = dict(
 )
 _EPS = 1e-6  # every LayerNorm and qk-RMSNorm of the model
 _TIME_CHANNELS = 256  # CombinedTimestepTextProjEmbeddings' sinusoidal width
-
-
-class _FeedForward(eqx.Module):
-    """diffusers' `FeedForward(activation_fn="gelu-approximate")`."""
-
-    proj_in: Linear
-    proj_out: Linear
-
-    @classmethod
-    def read(cls, weights: Weights, prefix: str, dim: int):
-        return cls(
-            Linear.read(weights, f"{prefix}.net.0.proj", dim, 4 * dim),
-            Linear.read(weights, f"{prefix}.net.2", 4 * dim, dim),
-        )
-
-    def __call__(self, x):
-        return self.proj_out(gelu_tanh(self.proj_in(x)))
 
 
 class _Attention(eqx.Module):
@@ -163,8 +146,8 @@ class _JointBlock(eqx.Module):
     norm1_context: Linear
     attn: _Attention
     attn2: _Attention | None
-    ff: _FeedForward
-    ff_context: _FeedForward | None
+    ff: FeedForward
+    ff_context: FeedForward | None
     dual: bool = eqx.field(static=True)
     context_pre_only: bool = eqx.field(static=True)
 
@@ -183,11 +166,9 @@ class _JointBlock(eqx.Module):
                 if dual
                 else None
             ),
-            ff=_FeedForward.read(weights, f"{prefix}.ff", dim),
+            ff=FeedForward.read(weights, f"{prefix}.ff", dim),
             ff_context=(
-                None
-                if context_pre_only
-                else _FeedForward.read(weights, f"{prefix}.ff_context", dim)
+                None if context_pre_only else FeedForward.read(weights, f"{prefix}.ff_context", dim)
             ),
             dual=dual,
             context_pre_only=context_pre_only,
