@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# benchmarks/large_models.py on a lent GPU machine (one H100 or H200), as one
+# prepared script: about 8 minutes, results and logs under $OUT. From the
+# repository root:
+#
+#   bash benchmarks/gpu_run.sh
+#
+# The GPU image (python3 3.12 with JAX and PyTorch on CUDA 13, equinox, diffrax,
+# optax, orbax, transformers, safetensors, huggingface-hub) has no diffusers, and
+# nothing can be fetched there. Download its wheel, and importlib_metadata (the one
+# requirement of diffusers the image lacks), here, into a git-ignored folder, and
+# name that folder in the run's `carry`:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       diffusers==0.42.1 importlib_metadata
+#
+# (add transformers and safetensors wheels there too for other versions than the
+# image's). WHEELS=folder overrides the folder, MODELS the bfloat16 run's models.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+WHEELS=${WHEELS:-.whl}
+MODELS=${MODELS:-sd35-medium,flux-dev,sd35-large}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+
+# The carried wheels, beside the image's packages. `pip install -e . --no-deps`
+# would need hatchling (the build backend), which the image lacks and cannot
+# fetch: jaxflow runs from the source tree through PYTHONPATH instead.
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+    echo "no wheels in $WHEELS/: diffusers must already be importable" >&2
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+{
+    nvidia-smi || true
+    "$PY" -c "import jax, torch, diffusers, jaxflow; print('jax', jax.__version__, jax.devices()); \
+print('torch', torch.__version__, torch.cuda.get_device_name()); print('diffusers', diffusers.__version__)"
+} 2>&1 | tee "$OUT/environment.txt"
+"$PY" -c "import diffusers, jaxflow.diffusers" || exit 1
+
+# bfloat16, both sizes, the three models: each (model, framework) one worker
+# process (sizes ascending inside it); the budget bounds the whole run, and the
+# JSON is rewritten after every worker, so a cut run keeps what it measured
+"$PY" benchmarks/large_models.py --models "$MODELS" --sizes 512,1024 --dtypes bfloat16 \
+    --repeats 3 --timeout 200 --budget 370 --out "$OUT/large_models.json" 2>&1 |
+    tee "$OUT/large_models.log"
+
+# float32 (no TF32 on either side) at 512^2, SD3.5 Medium only
+"$PY" benchmarks/large_models.py --models sd35-medium --sizes 512 --dtypes float32 \
+    --repeats 3 --timeout 85 --budget 85 --out "$OUT/large_models_float32.json" 2>&1 |
+    tee "$OUT/large_models_float32.log"
