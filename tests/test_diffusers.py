@@ -135,7 +135,7 @@ def test_load_lists_mismatched_weights(sd3, tmp_path):
 
 def test_hub_id_goes_through_diffusers_download(tmp_path):
     # offline: diffusers' own download, with its local_files_only and cache_dir
-    with pytest.raises(Exception, match="(?i)local|offline|cache|connect|find"):
+    with pytest.raises(Exception, match="cached snapshot|local_files_only"):
         jfd.load("nobody/not-a-model", local_files_only=True, cache_dir=tmp_path)
 
 
