@@ -8,7 +8,6 @@ SD3 and FLUX alike (FLUX's 2x2 token packing happens inside the network), so
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Real
 
@@ -24,10 +23,6 @@ def _latent(x, shape: tuple[int, int, int], dtype, name: str):
             "width of your images (model.field(height=..., width=...))."
         )
     return x.reshape(shape).astype(dtype)
-
-
-def _weights_dtype(module: eqx.Module):
-    return jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array))[0].dtype
 
 
 class SD3Velocity(eqx.Module):
@@ -62,7 +57,7 @@ class SD3Velocity(eqx.Module):
             )
 
     def __call__(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
-        dtype = _weights_dtype(self.transformer)
+        dtype = self.transformer.dtype
         latent = _latent(x, self.shape, dtype, "SD3Velocity")
         # the pipeline's timestep: 1000 sigma, in float32
         timestep = jnp.asarray(t).astype(jnp.float32) * jnp.float32(1000)
@@ -104,7 +99,7 @@ class FluxVelocity(eqx.Module):
     guidance: Float[Array, ""] | None = None
 
     def __call__(self, x: Float[Array, " n"], t: Real[ArrayLike, ""]) -> Float[Array, " n"]:
-        dtype = _weights_dtype(self.transformer)
+        dtype = self.transformer.dtype
         latent = _latent(x, self.shape, dtype, "FluxVelocity")
         # the pipeline passes (1000 sigma) / 1000 in float32; the model multiplies back
         timestep = jnp.asarray(t).astype(jnp.float32) * jnp.float32(1000) / jnp.float32(1000)

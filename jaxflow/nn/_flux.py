@@ -369,6 +369,11 @@ class FluxTransformer(eqx.Module):
         return to_device(model)
 
     @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the weights, which the network computes in."""
+        return self.proj_out.weight.dtype
+
+    @property
     def num_layers(self) -> int:
         """The number of double-stream blocks."""
         return stacked_depth(self.double_blocks)
