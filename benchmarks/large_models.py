@@ -60,8 +60,8 @@ every worker, so a run cut short keeps what it measured.
 
 On a lent GPU machine run `benchmarks/gpu_run.sh` (one prepared script).
 
-`--tiny` runs the same code on tests/tiny_models.py's SD3_CONFIG (as
-`sd35-medium`) and FLUX_CONFIG (as `flux-dev`) at 128 and 256 px, float32 and
+`--tiny` runs the same code on `jfd.transformer_config("tiny-sd3")` (as
+`sd35-medium`) and `"tiny-flux"` (as `flux-dev`) at 128 and 256 px, float32 and
 bfloat16, on the CPU, one process per framework, one thread each (on a small
 shared machine torch's oversubscribed thread pool made tiny matmuls 100x
 slower); `--models sd35-large` adds SD3.5 Large's tiny twin (no dual attention).
@@ -110,7 +110,7 @@ MODELS = {
     ),
     "flux-dev": ("flux", _config("flux.1-dev"), 512, _config("tiny-flux"), 16),
 }
-TINY_DEFAULT = ("sd35-medium", "flux-dev")  # SD3_CONFIG and FLUX_CONFIG
+TINY_DEFAULT = ("sd35-medium", "flux-dev")  # tiny-sd3 and tiny-flux
 LATENT_CHANNELS = 16  # SD3's and FLUX's VAEs
 VAE_FACTOR = 8
 SIGMA = 0.5
@@ -804,7 +804,7 @@ def main(argv=None):
         "--models",
         default=None,
         help=f"comma-separated, of {', '.join(MODELS)} (default all; --tiny: "
-        f"{','.join(TINY_DEFAULT)}, tests/tiny_models.py's two configs)",
+        f"{','.join(TINY_DEFAULT)}, the tiny-sd3 and tiny-flux configs)",
     )
     p.add_argument(
         "--sizes", default=None, help="image sizes in px (default 512,1024; tiny 128,256)"
