@@ -47,6 +47,7 @@ from ._paths import OrnsteinUhlenbeck as OrnsteinUhlenbeck
 from ._paths import RectifiedFlow as RectifiedFlow
 from ._results import RESULTS as RESULTS
 from ._results import Outcome as Outcome
+from ._results import result_messages as result_messages
 from ._sample import ddpm_coefficients as ddpm_coefficients
 from ._sample import ddpm_step as ddpm_step
 from ._sample import reverse_sde_step as reverse_sde_step

@@ -10,6 +10,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, PyTree
 
 
@@ -56,6 +57,22 @@ class Outcome(eqx.Module):
     def ok(self) -> Bool[Array, "..."]:
         """True where the point succeeded."""
         return self.result == RESULTS.successful
+
+
+def result_messages(result) -> np.ndarray:
+    """What happened to each point of a concrete `RESULTS` (as returned in an
+    `Outcome`, batched or not), as text: a NumPy array of strings of the result's
+    shape, `""` where the point succeeded (a `ValueError` for anything else). For
+    logs and records written as a sweep goes; call it outside `jit`."""
+    if not isinstance(result, RESULTS):
+        raise ValueError(f"result_messages takes a jf.RESULTS, got {type(result).__name__}.")
+    codes = np.asarray(result._value)
+    messages = {int(code): RESULTS._index_to_message[int(code)] for code in np.unique(codes)}
+    messages[int(RESULTS.successful._value)] = ""
+    out = np.empty(codes.shape, dtype=object)
+    for code, message in messages.items():
+        out[codes == code] = message
+    return out
 
 
 def all_finite(tree) -> Bool[Array, ""]:

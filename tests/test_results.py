@@ -150,3 +150,16 @@ def test_progress_meter_passes_through(capfd):
     x = jf.generate(FIELD, CORNERS[0], progress_meter=diffrax.TextProgressMeter())
     np.testing.assert_allclose(x, jf.generate(FIELD, CORNERS[0]), rtol=1e-14)
     assert "100.00%" in capfd.readouterr().out
+
+
+def test_result_messages_per_point():
+    results = jax.vmap(
+        lambda ok: jf.RESULTS.where(ok, jf.RESULTS.successful, jf.RESULTS.max_steps_reached)
+    )(jnp.array([True, False, True]))
+    messages = jf.result_messages(results)
+    assert messages.shape == (3,)
+    assert messages[0] == messages[2] == ""
+    assert "max_steps" in messages[1]
+    assert "not finite" in str(jf.result_messages(jf.RESULTS.non_finite))
+    with pytest.raises(ValueError, match="takes a jf.RESULTS"):
+        jf.result_messages(np.zeros(3))
