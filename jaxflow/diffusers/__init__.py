@@ -23,3 +23,4 @@ from ._model import SD3Model as SD3Model
 from ._networks import FluxVelocity as FluxVelocity
 from ._networks import SD3Velocity as SD3Velocity
 from ._schedule import FlowMatchHeun as FlowMatchHeun
+from ._tiny import tiny_pipeline as tiny_pipeline
