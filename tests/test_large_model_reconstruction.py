@@ -1,0 +1,150 @@
+"""`examples/large_model_reconstruction.py --quick` on the tiny SD3.5-like pipeline:
+the records, resuming, refusing a changed study, and the same records sharded over
+four (virtual CPU) devices. The example runs in subprocesses, as in
+tests/test_examples.py; one single-device run is shared by every test."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "large_model_reconstruction"
+SCRIPT = os.path.join(ROOT, "examples", f"{NAME}.py")
+
+
+def run(out, *extra, env=None, check=True):
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--quiet", "--out", str(out), *extra],
+        check=check,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def read(out):
+    with open(out / f"{NAME}.json") as f:
+        result = json.load(f)
+    with open(out / f"{NAME}.jsonl") as f:
+        lines = [json.loads(line) for line in f.read().splitlines()]
+    return result, lines
+
+
+@pytest.mark.slow
+def test_quick_study_resumes_and_shards(tmp_path):
+    """One test, so that pytest-xdist runs the single-device study once: its
+    records, then a resumed run, a refused changed study, and the sharded run
+    against it."""
+    out = tmp_path / "quick"
+    run(out)
+    quick = (out, *read(out))
+    _quick_run_records_every_image(quick)
+    _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path)
+    _sharded_run_gives_the_same_records(quick, tmp_path / "sharded")
+
+
+def _values(record):
+    return [record["R"], record["E_jvp"], record["PSNR"], record["PSNR_vae_only"]]
+
+
+def _quick_run_records_every_image(quick):
+    out, result, lines = quick
+    assert (out / f"{NAME}.png").stat().st_size > 10_000
+    # a header with the settings, then one line per image
+    header = lines[0]["header"]
+    assert header["model"] == "sd3-tiny" and header["steps"] == 8 and header["top_k"] == 2
+    records = lines[1:]
+    assert sorted(r["index"] for r in records) == [0, 1, 2, 3]
+    res = result["results"]
+    assert res["ok"] == 4 and not res["failed"] and res["computed_this_run"] == 4
+    for r in records:
+        assert r["ok"] and r["R"] > 0 and np.isfinite(r["PSNR"])
+        # the paper's finite difference tracks the exact JVP on this smooth model
+        assert abs(r["E_fd"] / r["E_jvp"] - 1) < 0.03
+        assert len(r["exponents"]) == 2 and r["exponents"][0] >= r["exponents"][1]
+        assert np.all(np.isfinite(r["exponents"]))
+        assert (out / f"{NAME}_images" / f"{r['index']:06d}.png").exists()
+    for key in ("R_vs_E_jvp", "R_vs_E_fd"):
+        stats = res["correlations_of_logs"][key]
+        assert stats["n"] == 4
+        for name in ("pearson", "spearman"):
+            assert -1 <= stats[name]["r"] <= 1 and "bootstrap_95" in stats[name]
+    assert res["E_fd_vs_E_jvp"]["max_rel_diff"] < 0.03
+
+
+def _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path):
+    out, result, lines = quick
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    printed = run(again).stdout
+    assert "0 of 4 images to do (4 already recorded)" in printed
+    rerun, rerun_lines = read(again)
+    assert rerun["results"]["skipped_already_recorded"] == 4
+    assert rerun["results"]["computed_this_run"] == 0
+    assert rerun_lines == lines  # nothing appended, nothing rewritten
+    assert rerun["results"]["per_image"] == result["results"]["per_image"]
+
+    refused = run(again, "--steps", "9", check=False)
+    assert refused.returncode != 0
+    assert "steps: 8 there, 9 now" in refused.stderr and "new --out" in refused.stderr
+    assert read(again)[1] == lines
+
+
+def _sharded_run_gives_the_same_records(quick, tmp_path):
+    _, _, lines = quick
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    printed = run(tmp_path, env=env).stdout
+    assert "batches of 4 on 4 device(s)" in printed
+    result, sharded = read(tmp_path)
+    assert result["settings"]["batch"] == 4
+    single = {r["index"]: r for r in lines[1:]}
+    assert sorted(r["index"] for r in sharded[1:]) == sorted(single)
+    for r in sharded[1:]:
+        s = single[r["index"]]
+        assert r["id"] == s["id"] and r["ok"]
+        np.testing.assert_allclose(_values(r), _values(s), rtol=1e-4)
+        # the finite difference divides rounding by |n| = 1e-3 |z|
+        np.testing.assert_allclose(r["E_fd"], s["E_fd"], rtol=1e-3)
+        np.testing.assert_allclose(r["exponents"], s["exponents"], rtol=1e-4, atol=1e-6)
+
+
+def test_lyapunov_step_map_is_the_generation_solvers_step(tmp_path):
+    """The map whose exponents are reported, composed over the grid, is the solve."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import jaxflow as jf
+    import jaxflow.diffusers as jfd
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        from large_model_reconstruction import solver_step
+    finally:
+        sys.path.pop(0)
+    jfd.tiny_pipeline("sd3").save_pretrained(tmp_path)
+    model = jfd.load(tmp_path, prompt_cache=None)
+    field = model.field("", height=64, width=64, max_sequence_length=16)
+    times = model.times(4, height=64, width=64)
+    z = jax.random.normal(jax.random.key(0), (16 * 8 * 8,), jnp.float32)
+    for heun, solver in ((False, "euler"), (True, jfd.FlowMatchHeun())):
+
+        @eqx.filter_jit
+        def both(field, z, heun=heun, solver=solver):
+            step, x = solver_step(field, times[::-1], heun), z
+            for i in range(4):
+                x = step(x, i)
+            return x, jf.generate(field, z, solver=solver, times=times)
+
+        x, reference = both(field, z)
+        assert float(jnp.linalg.norm(x - reference) / jnp.linalg.norm(reference)) < 1e-5
