@@ -46,9 +46,15 @@ def fisher_p_value(r, n):
 def bootstrap_interval(stat, x, y, rng, resamples=1000, level=0.95):
     n = len(x)
     vals = np.empty(resamples)
-    for i in range(resamples):
-        idx = rng.integers(0, n, n)
-        vals[i] = stat(x[idx], y[idx])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(resamples):
+            idx = rng.integers(0, n, n)
+            vals[i] = stat(x[idx], y[idx])
+    # a resample that repeats one point has no correlation (0 / 0): with a handful
+    # of points that is a fair share of them, so the interval is over the others
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return [float("nan"), float("nan")]
     lo, hi = np.quantile(vals, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
 
