@@ -174,7 +174,9 @@ def _pipeline_loader(path: pathlib.Path, dtype):
         pipeline = diffusers.DiffusionPipeline.from_pretrained(
             str(path), **{**absent, "transformer": None}, torch_dtype=text_dtype
         )
-        if getattr(pipeline, "vae", None) is not None:
+        # the VAE encodes once and decodes once per image: float32 whatever the
+        # transformer's dtype
+        if getattr(pipeline, "vae", None) is not None and pipeline.vae.dtype != torch.float32:
             pipeline.vae.to(torch.float32)
         return pipeline
 

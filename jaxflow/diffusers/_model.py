@@ -257,7 +257,8 @@ class AbstractDiffusersModel(eqx.Module):
         `None`)."""
         torch = require("torch")
         shape = self.latent_shape(height, width)
-        latents = np.asarray(latents, dtype=np.float32)
+        # a copy: torch refuses to wrap a read-only view of a JAX array
+        latents = np.array(latents, dtype=np.float32)
         single = latents.ndim == 1
         latents = latents[None] if single else latents
         if latents.ndim != 2 or latents.shape[1] != np.prod(shape):
