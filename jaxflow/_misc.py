@@ -405,3 +405,20 @@ def check_network_input(where: str, x, t, n=None) -> jax.Array:
             "times, jax.vmap over x and t together."
         )
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float))
+
+
+def transformer_dtype(where: str, dtype) -> np.dtype:
+    """The dtype a ported diffusion transformer (`jf.nn.SD3Transformer`,
+    `jf.nn.FluxTransformer`) stores and computes in: float32 or bfloat16, else a
+    `ValueError` naming the two."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(
+            f"{where}: dtype must be float32 or bfloat16 (jnp.float32 or jnp.bfloat16, the "
+            f"dtypes diffusers' checkpoints are released in), got {dtype!r}; use "
+            "jnp.float32 for parity and identity checks, jnp.bfloat16 for large models."
+        )
+    return dtype

@@ -8,6 +8,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
+from .._misc import transformer_dtype
 from ..nn import FluxTransformer, SD3Transformer
 from . import _safetensors
 from ._model import (
@@ -39,21 +40,6 @@ _DEFAULT_SCHEDULERS = {
 }
 _SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 _SAVED = "jaxflow_model.json"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _dtype(dtype):
-    try:
-        name = jnp.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in _DTYPES:
-        raise ValueError(
-            f"dtype={dtype!r}: the ported transformers run in float32 or bfloat16 (the "
-            "dtypes diffusers' checkpoints are released in); use jnp.float32 for parity "
-            "and identity checks, jnp.bfloat16 for large models."
-        )
-    return _DTYPES[name]
 
 
 def _architecture(class_name):
@@ -130,7 +116,8 @@ def load(
     where torch or diffusers is needed and missing. A folder's transformer is
     read without PyTorch.
     """
-    dtype = _dtype(dtype)
+    # checked before a large checkpoint is read
+    dtype = transformer_dtype("jfd.load", dtype)
     cache = default_prompt_cache() if prompt_cache == "default" else prompt_cache
     cache = None if cache is None else pathlib.Path(cache)
     if isinstance(source, str | pathlib.Path):

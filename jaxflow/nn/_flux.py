@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
+from .._misc import transformer_dtype
 from ._dit import (
     FeedForward,
     Linear,
@@ -317,12 +318,7 @@ class FluxTransformer(eqx.Module):
         this port does not know or an invalid one, and weights that do not match
         the config: missing entries, unused entries or wrong shapes, all listed.
         """
-        try:
-            dtype = jnp.dtype(dtype)
-        except TypeError as e:
-            raise ValueError(f"{_WHAT}: dtype must be float32 or bfloat16, got {dtype!r}.") from e
-        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"{_WHAT}: dtype must be float32 or bfloat16, got {dtype}.")
+        dtype = transformer_dtype(_WHAT, dtype)
         cfg = _config(config)
         w = Weights(state_dict, dtype, what=_WHAT)
         heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
+from .._misc import transformer_dtype
 from ._dit import (
     FeedForward,
     Linear,
@@ -307,11 +308,7 @@ class SD3Transformer(eqx.Module):
         fills exactly one parameter), when the config is one this port does not
         implement, or for another `dtype`.
         """
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(
-                f"SD3Transformer.from_diffusers: dtype must be jnp.float32 or jnp.bfloat16, "
-                f"got {dtype}."
-            )
+        dtype = transformer_dtype("SD3Transformer.from_diffusers", dtype)
         config = dict(config)
         unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
         if unknown:
