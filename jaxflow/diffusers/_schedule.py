@@ -69,8 +69,7 @@ def _numpy_sigmas(config, steps: int, sigmas, mu) -> np.ndarray:
     return np.append(np.asarray(grid, np.float32), np.float32(0.0))
 
 
-def _diffusers_sigmas(class_name: str, config, steps: int, sigmas, mu) -> np.ndarray:
-    diffusers = require("diffusers")
+def _diffusers_sigmas(diffusers, class_name: str, config, steps: int, sigmas, mu) -> np.ndarray:
     scheduler = getattr(diffusers, class_name).from_config(dict(config))
     kwargs = {} if mu is None else {"mu": mu}
     scheduler.set_timesteps(steps, device="cpu", sigmas=sigmas, **kwargs)
@@ -91,13 +90,10 @@ def pipeline_sigmas(architecture: str, class_name: str, config, steps: int, seq_
         # StableDiffusion3Pipeline.__call__ computes mu only for a dynamic scheduler
         mu = calculate_shift(seq_len, {"max_shift": 1.16, **config})
     try:
-        require("diffusers")
-        have = True
+        diffusers = require("diffusers")
     except ImportError:
-        have = False
-    if have:
-        return _diffusers_sigmas(class_name, config, steps, sigmas, mu)
-    return _numpy_sigmas(config, steps, sigmas, mu)
+        return _numpy_sigmas(config, steps, sigmas, mu)
+    return _diffusers_sigmas(diffusers, class_name, config, steps, sigmas, mu)
 
 
 class FlowMatchHeun(diffrax.AbstractSolver):
