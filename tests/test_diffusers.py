@@ -56,7 +56,7 @@ def flux(tmp_path_factory):
     return pipe, folder, jfd.load(folder, prompt_cache=None)
 
 
-def latents(pipe, height, width, seed=0):
+def latents(height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (1, 16, height // 8, width // 8)
     return torch.randn(shape, generator=g)
@@ -86,7 +86,7 @@ def test_load_bfloat16(sd3):
     half = jfd.load(folder, dtype=jnp.bfloat16, prompt_cache=None)
     dtypes = {x.dtype for x in jax.tree.leaves(eqx.filter(half.transformer, eqx.is_inexact_array))}
     assert jnp.dtype(jnp.bfloat16) in dtypes
-    z = jnp.asarray(latents(None, SIZE, SIZE).numpy().reshape(-1))
+    z = jnp.asarray(latents(SIZE, SIZE).numpy().reshape(-1))
     velocity = eqx.filter_jit(lambda field, z: field.velocity(z, 0.5))
     f32 = velocity(model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
     bf16 = velocity(half.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
@@ -214,7 +214,7 @@ def _pipeline_latents(pipe, steps, z, **kwargs):
 
 def test_sd3_euler_equals_the_pipeline(sd3):
     pipe, _, model = sd3
-    z = latents(pipe, SIZE, SIZE, seed=1)
+    z = latents(SIZE, SIZE, seed=1)
     ref = _pipeline_latents(pipe, 6, z.clone(), prompt="", max_sequence_length=SEQ)
     field = model.field("", height=SIZE, width=SIZE, max_sequence_length=SEQ)
     x = jf.generate(field, jnp.asarray(z.numpy().reshape(-1)), solver="euler", times=model.times(6))
@@ -223,7 +223,7 @@ def test_sd3_euler_equals_the_pipeline(sd3):
 
 def test_sd3_guidance_equals_the_pipeline(sd3):
     pipe, _, model = sd3
-    z = latents(pipe, SIZE, SIZE, seed=2)
+    z = latents(SIZE, SIZE, seed=2)
     kwargs = dict(prompt="a photo of a cat", negative_prompt="blue dog", guidance_scale=4.0)
     ref = _pipeline_latents(pipe, 4, z.clone(), max_sequence_length=SEQ, **kwargs)
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ, **kwargs)
@@ -242,7 +242,7 @@ def test_sd3_heun_equals_the_pipelines_heun_scheduler(sd3):
     heun = StableDiffusion3Pipeline(
         **{**pipe.components, "scheduler": FlowMatchHeunDiscreteScheduler(shift=3.0)}
     )
-    z = latents(pipe, SIZE, SIZE, seed=3)
+    z = latents(SIZE, SIZE, seed=3)
     ref = _pipeline_latents(heun, 5, z.clone(), prompt="", max_sequence_length=SEQ)
     field = model.field("", height=SIZE, width=SIZE, max_sequence_length=SEQ)
     z = jnp.asarray(z.numpy().reshape(-1))
@@ -287,7 +287,7 @@ def test_jvp_of_generation_matches_central_differences(sd3):
     _, _, model = sd3
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
     times = model.times(3)
-    z = jnp.asarray(latents(None, SIZE, SIZE, seed=5).numpy().reshape(-1))
+    z = jnp.asarray(latents(SIZE, SIZE, seed=5).numpy().reshape(-1))
     u = jax.random.normal(jax.random.key(0), z.shape, jnp.float32)
 
     @eqx.filter_jit
@@ -399,7 +399,7 @@ def test_saved_model_runs_without_torch(sd3, tmp_path):
     _, _, model = sd3
     model.encode_prompt("", max_sequence_length=SEQ)
     model.save(tmp_path / "saved")
-    z = latents(None, SIZE, SIZE, seed=6).numpy().reshape(-1)
+    z = latents(SIZE, SIZE, seed=6).numpy().reshape(-1)
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
     expected = jf.generate(field, jnp.asarray(z), solver="euler", times=model.times(3))
     np.save(tmp_path / "z.npy", z)
