@@ -16,9 +16,10 @@ For each image, with the null prompt "" and the pipeline's own time grid:
    scatter (Fig. 4(c) / A1) and the worst reconstructions beside their originals
    (Figs. A2 / A3).
 
-The images are --images FOLDER (PNG / JPEG), or by default sklearn's sample
-photographs (china, flower) and, where scikit-image is installed, its photographs;
-crops and flips of them make up N. They are NOT the paper's COCO images.
+The images are --images FOLDER (PNG / JPEG), or by default the photographs that
+ship inside scikit-learn (china, flower) and scikit-image (astronaut, coffee,
+chelsea, rocket, immunohistochemistry, hubble_deep_field); crops and flips of
+them make up N. They are NOT the paper's COCO images.
 
     python examples/large_model_reconstruction.py \\
         --model stabilityai/stable-diffusion-3.5-medium --dtype bfloat16
@@ -60,6 +61,14 @@ TINY = {"sd3-tiny": "sd3", "flux-tiny": "flux"}
 TINY_SEQUENCE = 16  # the tiny pipelines' tokenizers hold 16 tokens
 # Settings that change no record: a rerun may change them and still continue.
 FREE = ("num_images", "batch", "distributed", "quick")
+SKIMAGE_PHOTOGRAPHS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+)
 THUMB = 256  # pixels of the saved thumbnails (the gallery needs no full images)
 
 
@@ -91,10 +100,11 @@ def image_sources(folder):
     try:
         from skimage import data
     except ImportError:
+        print("no scikit-image: sklearn's two photographs only (pip install scikit-image)")
         return sources
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry"):
-        if hasattr(data, name):
-            sources.append((name, lambda name=name: np.asarray(getattr(data, name)())))
+    # the colour photographs that ship inside scikit-image (none is downloaded)
+    for name in SKIMAGE_PHOTOGRAPHS:
+        sources.append((name, lambda name=name: np.asarray(getattr(data, name)())))
     return sources
 
 
@@ -302,9 +312,11 @@ def main(argv=None):
         raise SystemExit(f"--batch {batch} must be a multiple of the {len(devices)} local devices.")
     process, processes = jax.process_index(), jax.process_count()
 
+    sources = image_sources(args.images)
+    names = [name for name, _ in sources]
     settings = dict(
         model=args.model,
-        images=args.images or "sklearn (+ scikit-image) sample photographs, crops and flips",
+        images=args.images or "sample photographs, crops and flips: " + ", ".join(names),
         size=size,
         steps=steps,
         solver=args.solver,
@@ -338,7 +350,6 @@ def main(argv=None):
         f"device(s), process {process} of {processes}",
         flush=True,
     )
-    sources = image_sources(args.images)
     computed = 0
     if todo:
         tmp = tempfile.mkdtemp()
