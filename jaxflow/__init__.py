@@ -38,6 +38,8 @@ from ._lyapunov import LyapunovSpectrum as LyapunovSpectrum
 from ._lyapunov import alignment as alignment
 from ._lyapunov import lyapunov_spectrum as lyapunov_spectrum
 from ._lyapunov import lyapunov_spectrum_of_map as lyapunov_spectrum_of_map
+from ._matrix_free._operator import GenerationMap as GenerationMap
+from ._matrix_free._operator import generation_map as generation_map
 from ._objectives import denoising_score_matching_loss as denoising_score_matching_loss
 from ._objectives import flow_matching_loss as flow_matching_loss
 from ._objectives import ot_pairing as ot_pairing
