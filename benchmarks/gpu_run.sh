@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # benchmarks/large_models.py on a lent GPU machine (one H100 or H200), as one
-# prepared script: about 8 minutes, results and logs under $OUT. From the
+# prepared script: about 9 minutes, results and logs under $OUT. From the
 # repository root:
 #
 #   bash benchmarks/gpu_run.sh
@@ -50,10 +50,17 @@ print('torch', torch.__version__, torch.cuda.get_device_name()); print('diffuser
 # process (sizes ascending inside it); the budget bounds the whole run, and the
 # JSON is rewritten after every worker, so a cut run keeps what it measured
 "$PY" benchmarks/large_models.py --models "$MODELS" --sizes 512,1024 --dtypes bfloat16 \
-    --repeats 3 --timeout 200 --budget 370 --out "$OUT/large_models.json" 2>&1 |
+    --repeats 3 --timeout 200 --budget 320 --out "$OUT/large_models.json" 2>&1 |
     tee "$OUT/large_models.log"
+
+# the large-model study's cost per image (--study): SD3.5 Medium, bfloat16, 512^2
+# and 1024^2, 4 Euler steps each way extrapolated linearly to 500 (a diffusers
+# worker for the paper's route, then a jaxflow worker: port, 8 compiles, timings)
+"$PY" benchmarks/large_models.py --study --models sd35-medium --sizes 512,1024 \
+    --dtypes bfloat16 --study-steps 4 --repeats 2 --timeout 150 --budget 150 \
+    --out "$OUT/large_models_study.json" 2>&1 | tee "$OUT/large_models_study.log"
 
 # float32 (no TF32 on either side) at 512^2, SD3.5 Medium only
 "$PY" benchmarks/large_models.py --models sd35-medium --sizes 512 --dtypes float32 \
-    --repeats 3 --timeout 85 --budget 85 --out "$OUT/large_models_float32.json" 2>&1 |
+    --repeats 3 --timeout 80 --budget 80 --out "$OUT/large_models_float32.json" 2>&1 |
     tee "$OUT/large_models_float32.log"

@@ -60,6 +60,42 @@ every worker, so a run cut short keeps what it measured.
 
 On a lent GPU machine run `benchmarks/gpu_run.sh` (one prepared script).
 
+`--study`: the cost per image of the large-model study
+(examples/large_model_reconstruction.py; default SD3.5 Medium, bfloat16, 512^2
+and 1024^2), batch 1, on the same random-weight models, inputs (the latent as the
+image's latents, the tangent normalised as the direction u, one prompt's
+embeddings, one transformer pass a velocity) and worker processes, each route
+with S Euler steps each way (`--study-steps`, default 4) on the pipeline's grid
+(SD3.5: shift 3.0):
+
+- jaxflow, each stage compiled apart (compile time recorded apart), as the
+  example's `make_study` computes it, the field an argument of `eqx.filter_jit`:
+  (a) invert + regenerate (`jf.invert`, `jf.generate`, `solver="euler",
+  times=grid`), (b) the exact JVP through the whole generation solve
+  (`jf.intrinsic_instability`), (c) the finite-difference perturbed regenerate,
+  (d) the top-k (`--top-k`, default 4) Lyapunov exponents of the step map
+  (`jf.lyapunov_spectrum_of_map`);
+- the paper's route in PyTorch: the diffusers transformer in the pipeline's Euler
+  loop (`FlowMatchEulerDiscreteScheduler.step`), eager, under `torch.no_grad()`:
+  invert + regenerate, and the perturbed regenerate of the finite difference;
+- per image: jaxflow's exact route (a + b) against the paper's route (invert +
+  regenerate + FD regenerate), their ratio (goal <= 1.5), the top-k as an extra,
+  jaxflow's whole study (a + b + c + d), and the 100-image, 500-step estimate in
+  hours of each. The estimate extrapolates the per-step cost: linearly from one
+  S (ms / S a step), or from several (`--study-steps 2,4`) by the least-squares
+  line a + b S, which separates a solve's fixed cost from its per-step cost
+  (jaxflow's solves evaluate the field once more, at the start, to tell a
+  non-finite field from a failed solve: S + 1 evaluations for S steps, a fixed
+  cost that the linear extrapolation from a small S scales by 500 / S, so it
+  overstates jaxflow's cost); the ratio is reported at S and at 500 steps;
+- checks: jaxflow's inversion and regeneration against the torch route's
+  (max relative difference: float32 agrees to rounding), E_jvp against both
+  routes' finite-difference E_fd (`|n| = fd_eps |zhat|`, fd_eps 1e-3 in float32,
+  1e-2 in bfloat16, where 1e-3 rounds away).
+
+    python benchmarks/large_models.py --study --sizes 512,1024 --dtypes bfloat16
+    python benchmarks/large_models.py --tiny --study   # tiny-sd3, 128 px, float32, CPU
+
 `--tiny` runs the same code on `jfd.transformer_config("tiny-sd3")` (as
 `sd35-medium`) and `"tiny-flux"` (as `flux-dev`) at 128 and 256 px, float32 and
 bfloat16, on the CPU, one process per framework, one thread each (on a small
@@ -587,6 +623,528 @@ def _ref_file(spec: dict, model: str, size: int, dtype_name: str) -> pathlib.Pat
     return pathlib.Path(spec["workdir"]) / f"ref_{model}_{size}_{dtype_name}.npz"
 
 
+# ---------------------------------------------------------------------------- study
+#
+# `--study`: the cost of one image of the large-model study
+# (examples/large_model_reconstruction.py, `make_study`) on the same random-weight
+# models and inputs: the latent `inp["latent"]` stands for an image's VAE latents,
+# `inp["tangent"]` normalised is the direction u, one prompt's embeddings (the
+# null-prompt study runs at guidance 1, one transformer pass a velocity; FLUX keeps
+# its distilled guidance, also one pass). Each route runs S Euler steps each way on
+# the pipeline's grid for S steps, for each S of `--study-steps`; the per-image
+# costs are extrapolated to the paper's 500 steps (`_extrapolate`) and 100 images.
+
+STUDY_STEPS = 500  # the paper's steps each way (appendix E.2)
+STUDY_IMAGES = 100
+STUDY_TOP_K = 4
+STUDY_GOAL = 1.5  # issue 14: the exact route at most 1.5x the paper's route
+# |n| / |zhat| of the finite difference: the example's default in float32; in
+# bfloat16 1e-3 is below the latent's resolution (8 bits of mantissa) and the
+# perturbation would round away, so 1e-2 there (docs/large_model_study.md)
+STUDY_FD_EPS = {"float32": 1e-3, "bfloat16": 1e-2}
+# the stages timed: jaxflow all four, torch (the paper's route) the two solves
+JAX_STAGES = ("invert_regenerate", "jvp", "fd_regenerate", "topk")
+TORCH_STAGES = ("invert_regenerate", "fd_regenerate")
+# the routes per image, as sums of stages
+ROUTES = {
+    "jaxflow_exact_route": ("jaxflow", ("invert_regenerate", "jvp")),
+    "jaxflow_topk": ("jaxflow", ("topk",)),
+    "jaxflow_whole_study": ("jaxflow", JAX_STAGES),
+    "torch_paper_route": ("diffusers", TORCH_STAGES),
+}
+
+
+def _study_sigmas(family: str, size: int, steps: int) -> np.ndarray:
+    """The pipeline's sigmas for `steps` steps (decreasing, ending at 0, float32),
+    from diffusers' own scheduler with the released pipelines' settings, as each
+    pipeline's `__call__` sets it (a transformer alone carries none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family == "sd3":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        scheduler.set_timesteps(steps)
+    else:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        seq_len = (size // VAE_FACTOR // 2) ** 2
+        mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.numpy().astype(np.float32)
+
+
+def _direction(inp: dict) -> np.ndarray:
+    u = inp["tangent"].reshape(-1).astype(np.float64)
+    return (u / np.linalg.norm(u)).astype(np.float32)
+
+
+def _study_ref_file(spec: dict, model: str, size: int, dtype_name: str, steps: int):
+    return pathlib.Path(spec["workdir"]) / f"study_{model}_{size}_{dtype_name}_{steps}.npz"
+
+
+def _stage(part: dict, key: str, call, sync, repeats: int, memory: "_Memory"):
+    """Times `call` into `part` (first call s, median ms, peak GB); its output, or
+    None with `part[key + "_error"]` when it failed."""
+    memory.reset()
+    try:
+        first, ms, out = _timed(call, sync, repeats)
+    except Exception as e:  # recorded: OOM, ...
+        part[f"{key}_error"] = _failure(e)
+        return None
+    part[f"{key}_first_call_s"] = first
+    part[f"{key}_ms"] = ms
+    part[f"{key}_peak_gb"] = memory.peak_gb()
+    return out
+
+
+def _study_record(base: dict, name: str, size: int, dtype_name: str, parts: dict) -> dict:
+    """One case's record: every step count's timings under `by_steps`, and the
+    largest step count's timings and checks at the top level."""
+    rec = dict(base, model=name, size=size, dtype=dtype_name, steps=sorted(parts))
+    rec["fd_eps"] = STUDY_FD_EPS[dtype_name]
+    rec["by_steps"] = {
+        str(steps): {k: v for k, v in part.items() if k.endswith(("_ms", "_compile_s", "_error"))}
+        for steps, part in sorted(parts.items())
+    }
+    rec.update(parts[max(parts)])
+    return rec
+
+
+def _torch_study_run(model, family, kw, x, u, dtype, sigmas, fd_eps, timing) -> tuple:
+    """The paper's route at one step count: (timings and E_fd, outputs to compare)."""
+    import torch
+
+    sync, repeats, memory, device, size = timing
+    steps = len(sigmas) - 1
+    # the pipeline's timestep, in float32 as the scheduler makes it: 1000 sigma
+    # (FLUX's pipeline passes it divided by 1000 again)
+    timesteps = sigmas * np.float32(1000)
+    if family == "flux":
+        timesteps = timesteps / np.float32(1000)
+    timesteps = [torch.tensor([t], dtype=torch.float32, device=device) for t in timesteps]
+    grid = [torch.tensor(s, dtype=torch.float32, device=device) for s in sigmas]
+
+    def euler(y, order):
+        # FlowMatchEulerDiscreteScheduler.step: the update in float32, the latent
+        # cast back to the model output's dtype
+        for i, j in zip(order[:-1], order[1:], strict=True):
+            v = model(hidden_states=y, **dict(kw, timestep=timesteps[i]))[0]
+            y = (y.float() + (grid[j] - grid[i]) * v.float()).to(v.dtype)
+        return y
+
+    down = list(range(steps + 1))  # generation: sigma_0 = 1 ... sigma_S = 0
+    up = down[::-1]  # inversion: the same grid from 0
+
+    def invert_regenerate():
+        with torch.no_grad():
+            zhat = euler(x, up)
+            return zhat, euler(zhat, down)
+
+    part, ref = {}, {}
+    out = _stage(part, "invert_regenerate", invert_regenerate, sync, repeats, memory)
+    if out is None:
+        part["fd_regenerate_error"] = "n/a (no inversion)"
+        return part, ref
+    zhat, xhat = out
+    ref["zhat"] = _torch_flat(family, zhat, size)
+    ref["xhat"] = _torch_flat(family, xhat, size)
+    # n = fd_eps |zhat| u as applied: after the cast to the model's dtype
+    start = (zhat.float() + fd_eps * torch.linalg.vector_norm(zhat.float()) * u).to(dtype)
+    n_norm = torch.linalg.vector_norm(start.float() - zhat.float())
+
+    def fd_regenerate():
+        with torch.no_grad():
+            return euler(start, down)
+
+    perturbed = _stage(part, "fd_regenerate", fd_regenerate, sync, repeats, memory)
+    if perturbed is not None:
+        part["E_fd"] = float(torch.linalg.vector_norm(perturbed.float() - xhat.float()) / n_norm)
+        ref["E_fd"] = np.float64(part["E_fd"])
+    return part, ref
+
+
+def _torch_study_worker(spec: dict, emit) -> None:
+    """The paper's route: the diffusers transformer, eager, in the pipeline's Euler
+    loop under `torch.no_grad()`: invert, regenerate, and the perturbed regenerate
+    of the finite difference."""
+    import torch
+
+    device = "cpu" if spec["tiny"] or not torch.cuda.is_available() else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    memory = _Memory("torch", device)
+
+    def sync(x):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return x
+
+    base = dict(
+        framework="diffusers",
+        mode="study",
+        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
+        memory_kind=memory.kind,
+        torch=torch.__version__,
+        diffusers=importlib.metadata.version("diffusers"),
+    )
+    for name, dtype_name, sizes in spec["cases"]:
+        family, config, length = _model_setup(name, spec["tiny"])
+        dtype = getattr(torch, dtype_name)
+        try:
+            start = time.perf_counter()
+            model = sync(_torch_model(family, config, dtype_name, device))
+            build_s = time.perf_counter() - start
+        except Exception as e:  # recorded, e.g. an OOM
+            for size in sizes:
+                emit(dict(base, model=name, size=size, dtype=dtype_name, error=_failure(e)))
+            continue
+        for size in sizes:
+            inp = _inputs(family, config, length, size)
+            kw, x, _ = _torch_kwargs(family, inp, size, dtype, device)
+            u = _direction(inp).reshape(inp["latent"].shape)
+            u = torch.from_numpy(_pack(u)[None] if family == "flux" else u[None]).to(device)
+            timing = (sync, spec["repeats"], memory, device, size)
+            parts = {}
+            for steps in spec["study"]["steps"]:
+                sigmas = _study_sigmas(family, size, steps)
+                parts[steps], ref = _torch_study_run(
+                    model, family, kw, x, u, dtype, sigmas, STUDY_FD_EPS[dtype_name], timing
+                )
+                np.savez(_study_ref_file(spec, name, size, dtype_name, steps), **ref)
+                del ref
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            emit(_study_record(dict(base, build_s=build_s), name, size, dtype_name, parts))
+            del kw, x, u
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _study_functions(times, top_k: int, fd_eps: float) -> dict:
+    """The stages of `make_study` (examples/large_model_reconstruction.py, Euler)
+    for one image, each compiled apart so that each is timed apart; the field is
+    an argument (closed over, its weights would become constants), the grid and
+    the settings are closed over (`jf.generate` needs a concrete grid)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    import jaxflow as jf
+
+    sigmas = times[::-1]  # generation walks the grid from the noise end
+    steps = int(times.shape[0]) - 1
+    kw = dict(solver="euler", times=times, throw=False)
+
+    def invert_regenerate(field, x):
+        inverted = jf.invert(field, x, **kw)
+        regenerated = jf.generate(field, inverted.value, **kw)
+        return inverted.value, regenerated.value, (inverted.result, regenerated.result)
+
+    def jvp(field, zhat, u):
+        # one JVP through the whole generation solve (its primal is the regenerate)
+        return jf.intrinsic_instability(lambda z: jf.generate(field, z, **kw).value, zhat, u)
+
+    def fd_regenerate(field, zhat, u):
+        n = fd_eps * jnp.linalg.norm(zhat) * u
+        perturbed = jf.generate(field, zhat + n, **kw)
+        return perturbed.value, jnp.linalg.norm(n), perturbed.result
+
+    def topk(field, zhat, key):
+        def step(z, i):  # one Euler step of generation on the grid: the step map
+            s0, s1 = sigmas[i], sigmas[i + 1]
+            return z + (s1 - s0) * field.velocity(z, s0)
+
+        spectrum = jf.lyapunov_spectrum_of_map(
+            step, zhat, steps, k=top_k, key=key, save_stretch=False, throw=False
+        )
+        return spectrum.value.exponents, spectrum.result
+
+    stages = dict(
+        invert_regenerate=invert_regenerate, jvp=jvp, fd_regenerate=fd_regenerate, topk=topk
+    )
+    return {key: eqx.filter_jit(fn) for key, fn in stages.items()}
+
+
+def _outcome_error(results) -> str | None:
+    """The first failure among `jf.RESULTS` items, as text, else None."""
+    import jaxflow as jf
+
+    for result in results:
+        message = str(jf.result_messages(result).item())
+        if message:
+            return f"n/a ({message[:200]})"
+    return None
+
+
+def _jax_study_run(field, x, u, key, times, top_k, fd_eps, precision, timing) -> tuple:
+    """jaxflow's stages at one step count, each compiled (timed apart) then timed:
+    (timings and results, outputs to compare)."""
+    import jax
+    import jax.numpy as jnp
+
+    sync, repeats, memory = timing
+    fns = _study_functions(times, top_k, fd_eps)
+    part, outs = {}, {}
+    for stage in JAX_STAGES:
+        if stage == "invert_regenerate":
+            args = (field, x)
+        elif "invert_regenerate" not in outs:
+            part[f"{stage}_error"] = "n/a (no inversion)"
+            continue
+        else:
+            args = (field, outs["invert_regenerate"][0], key if stage == "topk" else u)
+        try:
+            with jax.default_matmul_precision(precision):
+                start = time.perf_counter()
+                compiled = fns[stage].lower(*args).compile()
+                part[f"{stage}_compile_s"] = time.perf_counter() - start
+                out = _stage(part, stage, lambda c=compiled, a=args: c(*a), sync, repeats, memory)
+            del compiled
+        except Exception as e:  # recorded: OOM at compile time, ...
+            part[f"{stage}_error"] = _failure(e)
+            out = None
+        if out is not None:
+            outs[stage] = out
+        gc.collect()
+    errors = []
+    if "invert_regenerate" in outs:
+        zhat, xhat, results = outs["invert_regenerate"]
+        errors.append(_outcome_error(results))
+        part["R"] = float(jnp.linalg.norm(x - xhat) / np.sqrt(x.size))
+        if "jvp" in outs:
+            part["E_jvp"] = float(outs["jvp"])
+        if "fd_regenerate" in outs:
+            perturbed, n_norm, result = outs["fd_regenerate"]
+            errors.append(_outcome_error([result]))
+            part["E_fd"] = float(jnp.linalg.norm(perturbed - xhat) / n_norm)
+        if "topk" in outs:
+            exponents, result = outs["topk"]
+            errors.append(_outcome_error([result]))
+            part["exponents"] = [float(e) for e in np.asarray(exponents)]
+    errors = [e for e in errors if e]
+    if errors:  # a non-finite solve: its numbers are NaN, and said so
+        part["solve_error"] = errors[0]
+    return part, outs.get("invert_regenerate")
+
+
+def _jax_study_worker(spec: dict, emit) -> None:
+    """jaxflow's route: `jf.invert` / `jf.generate` with `solver="euler"` on the
+    grid, the exact JVP through the generation solve, the finite-difference
+    regenerate and the top-k Lyapunov exponents, compiled apart (compile time
+    recorded apart) and timed as medians of `repeats` calls after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    device = "cpu" if spec["tiny"] or not torch.cuda.is_available() else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    jax_device = jax.devices()[0]
+    memory = _Memory("jax", jax_device)
+    cpu = jax_device.platform == "cpu"
+    base = dict(
+        framework="jaxflow",
+        mode="study",
+        device=f"cpu ({platform.machine()})" if cpu else str(jax_device.device_kind),
+        memory_kind=memory.kind,
+        top_k=spec["study"]["top_k"],
+        jax=jax.__version__,
+        equinox=importlib.metadata.version("equinox"),
+    )
+    timing = (jax.block_until_ready, spec["repeats"], memory)
+    for name, dtype_name, sizes in spec["cases"]:
+        family, config, length = _model_setup(name, spec["tiny"])
+        try:
+            start = time.perf_counter()
+            port = jax.block_until_ready(_port(family, config, dtype_name, device)[0])
+            build_s = time.perf_counter() - start
+        except Exception as e:  # recorded, e.g. an OOM
+            for size in sizes:
+                emit(dict(base, model=name, size=size, dtype=dtype_name, error=_failure(e)))
+            continue
+        # float32 matmuls in float32 (not TF32) on a GPU, as torch with TF32 off
+        precision = "highest" if dtype_name == "float32" else None
+        for size in sizes:
+            inp = _inputs(family, config, length, size)
+            field = _field(family, port, inp, size)
+            # the state in float32 whatever the network's dtype, as in the example
+            # (`model.encode` gives float32 latents; jaxflow's solvers keep it)
+            x = jnp.asarray(inp["latent"].reshape(-1))
+            u = jnp.asarray(_direction(inp))
+            key = jax.random.key(SEED)
+            parts = {}
+            for steps in spec["study"]["steps"]:
+                times = jnp.asarray(_study_sigmas(family, size, steps)[::-1].copy())
+                part, solved = _jax_study_run(
+                    field,
+                    x,
+                    u,
+                    key,
+                    times,
+                    spec["study"]["top_k"],
+                    STUDY_FD_EPS[dtype_name],
+                    precision,
+                    timing,
+                )
+                ref_file = _study_ref_file(spec, name, size, dtype_name, steps)
+                ref = dict(np.load(ref_file)) if ref_file.exists() else {}
+                if solved is not None and "xhat" in ref:
+                    # the two routes compute the same thing: jaxflow against diffusers
+                    part["invert_max_rel_diff"] = _rel(np.asarray(solved[0]), ref["zhat"])
+                    part["regenerate_max_rel_diff"] = _rel(np.asarray(solved[1]), ref["xhat"])
+                if "E_jvp" in part and "E_fd" in part:
+                    part["E_fd_vs_E_jvp"] = abs(part["E_fd"] / part["E_jvp"] - 1)
+                if "E_jvp" in part and "E_fd" in ref:
+                    part["E_fd_torch"] = float(ref["E_fd"])
+                    part["E_fd_torch_vs_E_jvp"] = abs(part["E_fd_torch"] / part["E_jvp"] - 1)
+                parts[steps] = part
+                del solved, ref
+                gc.collect()
+            emit(_study_record(dict(base, build_s=build_s), name, size, dtype_name, parts))
+            del field, x, u
+            gc.collect()
+        del port
+        gc.collect()
+
+
+def _extrapolate(ms_by_steps: dict) -> tuple[float, float, str]:
+    """(per-image ms at the paper's 500 steps, per-step ms, how) from per-image ms
+    at S steps. One S: linear, ms / S a step. Several: the least-squares line
+    a + b S, which separates a solve's fixed cost (jaxflow's solves evaluate the
+    field once more, at the start, to tell a non-finite field from a failed
+    solve: S + 1 evaluations for S steps) from the per-step cost b; linear where
+    the fitted b is not positive (noise)."""
+    steps = np.array(sorted(ms_by_steps), float)
+    ms = np.array([ms_by_steps[s] for s in sorted(ms_by_steps)], float)
+    if len(steps) > 1:
+        b, a = np.polyfit(steps, ms, 1)
+        if b > 0:
+            return float(a + b * STUDY_STEPS), float(b), "affine"
+    per_step = float(ms[-1] / steps[-1])
+    return per_step * STUDY_STEPS, per_step, "linear"
+
+
+def study_summary(records: list[dict]) -> list[dict]:
+    """Per (model, size, dtype): each route's per-image ms at the largest S, its
+    per-step ms, the 100-image, 500-step estimate in hours, and the ratio of
+    jaxflow's exact route (invert + regenerate + JVP) to the paper's (invert +
+    regenerate + finite-difference regenerate), at S and at 500 steps."""
+    # a study run's records are all study records, a failed case's too
+    index = {(r["model"], r["size"], r["dtype"], r["framework"]): r for r in records}
+    out = []
+    for model, size, dtype in sorted(
+        {k[:3] for k in index}, key=lambda k: (list(MODELS).index(k[0]), k[1], k[2])
+    ):
+        row = dict(model=model, size=size, dtype=dtype)
+        for route, (framework, stages) in ROUTES.items():
+            rec = index.get((model, size, dtype, framework), {})
+            by_steps = {}
+            for steps, part in rec.get("by_steps", {}).items():
+                if all(isinstance(part.get(f"{s}_ms"), float) for s in stages):
+                    by_steps[int(steps)] = sum(part[f"{s}_ms"] for s in stages)
+            if not by_steps:
+                continue
+            row["steps"] = max(by_steps)
+            at_500, per_step, how = _extrapolate(by_steps)
+            row[f"{route}_ms"] = by_steps[max(by_steps)]
+            row[f"{route}_per_step_ms"] = per_step
+            row[f"{route}_500_steps_ms"] = at_500
+            row[f"{route}_{STUDY_IMAGES}_images_h"] = at_500 * STUDY_IMAGES / 3.6e6
+            row["extrapolation"] = how
+        exact, paper = "jaxflow_exact_route", "torch_paper_route"
+        if f"{exact}_ms" in row and f"{paper}_ms" in row:
+            row["exact_over_paper"] = row[f"{exact}_ms"] / row[f"{paper}_ms"]
+            row["exact_over_paper_500_steps"] = (
+                row[f"{exact}_500_steps_ms"] / row[f"{paper}_500_steps_ms"]
+            )
+            row["goal"] = STUDY_GOAL
+            row["goal_met"] = row["exact_over_paper_500_steps"] <= STUDY_GOAL
+        out.append(row)
+    return out
+
+
+def study_table(records: list[dict]) -> str:
+    """The study's costs as markdown: the stages of each route at the largest S,
+    then the routes per image, their ratio and the 100-image, 500-step estimates."""
+    # a study run's records are all study records, a failed case's too
+    index = {(r["model"], r["size"], r["dtype"], r["framework"]): r for r in records}
+    stages = [
+        "| model | size | dtype | S | framework | compile s (inv+regen / JVP / FD / top-k) "
+        "| invert + regenerate ms | JVP ms | FD regenerate ms | top-k ms "
+        "| regenerate max rel diff vs diffusers | E_jvp | E_fd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    routes = [
+        "| model | size | dtype | S | jaxflow exact route ms (inv + regen + JVP) "
+        "| torch paper route ms (inv + regen + FD regen) | exact / paper at S "
+        f"| exact / paper at {STUDY_STEPS} steps (goal <= {STUDY_GOAL}) "
+        "| jaxflow top-k ms (extra) | jaxflow whole study ms (+ FD + top-k) "
+        f"| {STUDY_IMAGES} images x {STUDY_STEPS} steps, h: jaxflow exact / jaxflow whole "
+        "study / torch paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = study_summary(records)
+    for model, size, dtype in sorted(
+        {k[:3] for k in index}, key=lambda k: (list(MODELS).index(k[0]), k[1], k[2])
+    ):
+        for framework in ("jaxflow", "diffusers"):
+            rec = index.get((model, size, dtype, framework))
+            if rec is None:
+                continue
+            steps = _num(max(rec["steps"]), "d") if rec.get("steps") else "-"
+            head = f"| {model} | {size}^2 | {dtype} | {steps} | {framework} "
+            if "error" in rec:
+                stages.append(head + f"| - | {rec['error']} | - | - | - | - | - | - |")
+                continue
+            compile_s = " / ".join(_cell(rec, f"{s}_compile_s", ".1f") for s in JAX_STAGES)
+            e_fd = _cell(rec, "E_fd", ".4g")
+            if "solve_error" in rec:
+                e_fd += f" ({rec['solve_error']})"
+            cells = [_cell(rec, f"{s}_ms", ".1f", True) for s in JAX_STAGES]
+            diff = "reference"
+            if framework == "jaxflow":
+                diff = _cell(rec, "regenerate_max_rel_diff", ".1e")
+            stages.append(
+                head + f"| {compile_s if framework == 'jaxflow' else 'eager'} "
+                f"| {' | '.join(cells)} "
+                f"| {diff} "
+                f"| {_cell(rec, 'E_jvp', '.4g')} | {e_fd} |"
+            )
+    for row in summary:
+        head = (
+            f"| {row['model']} | {row['size']}^2 | {row['dtype']} | {_num(row.get('steps'), 'd')} "
+        )
+        hours = " / ".join(
+            _num(row.get(f"{k}_{STUDY_IMAGES}_images_h"), ".2f")
+            for k in ("jaxflow_exact_route", "jaxflow_whole_study", "torch_paper_route")
+        )
+        routes.append(
+            head + f"| {_num(row.get('jaxflow_exact_route_ms'), '.1f')} "
+            f"| {_num(row.get('torch_paper_route_ms'), '.1f')} "
+            f"| {_num(row.get('exact_over_paper'), '.2f')} "
+            f"| {_num(row.get('exact_over_paper_500_steps'), '.2f')} "
+            f"| {_num(row.get('jaxflow_topk_ms'), '.1f')} "
+            f"| {_num(row.get('jaxflow_whole_study_ms'), '.1f')} | {hours} |"
+        )
+    hows = sorted({row["extrapolation"] for row in summary if "extrapolation" in row})
+    note = (
+        "Per image (batch 1, one device, compile time apart) at S Euler steps each way; "
+        f"{STUDY_STEPS} steps and {STUDY_IMAGES} images extrapolated from the per-step cost, "
+        f"here {' / '.join(hows) or '-'} (linear from one S: ms / S a step; affine from "
+        "several: the least-squares line, a fixed cost per solve plus a cost per step)."
+    )
+    return "\n".join(stages) + "\n\n" + "\n".join(routes) + "\n\n" + note
+
+
 def _worker(spec: dict) -> None:
     if spec["framework"] == "jaxflow":
         import jax
@@ -609,11 +1167,17 @@ def _worker(spec: dict) -> None:
             out.flush()
             print(RESULT + _summary(rec), flush=True)
 
-        (_torch_worker if spec["framework"] == "diffusers" else _jax_worker)(spec, emit)
+        if spec.get("study"):
+            workers = _torch_study_worker, _jax_study_worker
+        else:
+            workers = _torch_worker, _jax_worker
+        workers[spec["framework"] != "diffusers"](spec, emit)
 
 
 def _summary(rec: dict) -> str:
     keys = ("forward_ms", "forward_math_ms", "jvp_ms", "forward_max_rel_diff", "jvp_max_rel_diff")
+    if rec.get("mode") == "study":
+        keys = (*(f"{s}_ms" for s in JAX_STAGES), "regenerate_max_rel_diff", "E_jvp", "E_fd")
     parts = [f"{rec['framework']} {rec['model']} {rec['size']} {rec['dtype']}:"]
     parts += [f"{k}={rec[k]:.4g}" for k in keys if isinstance(rec.get(k), float)]
     parts += [f"{k}={v}" for k, v in rec.items() if k.endswith("error")]
@@ -661,6 +1225,7 @@ def _run_groups(args, workdir: pathlib.Path, write) -> list[dict]:
             group,
             tiny=args.tiny,
             repeats=args.repeats,
+            study=args.study_settings,
             workdir=str(workdir),
             out=str(workdir / f"worker_{i}.jsonl"),
         )
@@ -809,7 +1374,9 @@ def main(argv=None):
     p.add_argument(
         "--sizes", default=None, help="image sizes in px (default 512,1024; tiny 128,256)"
     )
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument(
+        "--dtypes", default=None, help="default bfloat16,float32; --study: bfloat16 (tiny float32)"
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up call")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
@@ -826,6 +1393,23 @@ def main(argv=None):
         "framework), sizes ascending (the default); per (model, framework); per "
         "framework (--tiny's default)",
     )
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="the large-model study's cost per image (invert, regenerate, JVP, finite "
+        "difference, top-k Lyapunov exponents), jaxflow against the paper's PyTorch route "
+        "(default models sd35-medium)",
+    )
+    p.add_argument(
+        "--study-steps",
+        default="4",
+        help=f"--study: Euler steps each way, comma-separated (default 4): one count is "
+        f"extrapolated linearly to {STUDY_STEPS} steps, several by a fitted line (a fixed "
+        "cost per solve plus a cost per step)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=STUDY_TOP_K, help="--study: Lyapunov exponents (default 4)"
+    )
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -833,18 +1417,32 @@ def main(argv=None):
         _worker(json.loads(args.worker))
         return None
 
-    models = args.models or ",".join(TINY_DEFAULT if args.tiny else MODELS)
+    if args.study:
+        default_models = "sd35-medium"
+    else:
+        default_models = ",".join(TINY_DEFAULT if args.tiny else MODELS)
+    models = args.models or default_models
     args.models = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         p.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    sizes = args.sizes or ("128,256" if args.tiny else "512,1024")
+    sizes = args.sizes or (("128" if args.study else "128,256") if args.tiny else "512,1024")
     args.sizes = sorted(int(s) for s in sizes.split(","))
     if any(s % 16 or s <= 0 for s in args.sizes):
         p.error("sizes must be positive multiples of 16 (the VAE's 8 times the patch of 2)")
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = args.dtypes or (
+        ("float32" if args.tiny else "bfloat16") if args.study else "bfloat16,float32"
+    )
+    args.dtypes = [d.strip() for d in dtypes.split(",") if d.strip()]
     if set(args.dtypes) - {"float32", "bfloat16"}:
         p.error("dtypes are float32 and bfloat16")
+    try:
+        args.study_steps = sorted({int(s) for s in args.study_steps.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--study-steps {args.study_steps!r}: comma-separated integers")
+    if not args.study_steps or min(args.study_steps) < 1 or args.top_k < 1:
+        p.error("--study-steps and --top-k must be positive")
+    args.study_settings = dict(steps=args.study_steps, top_k=args.top_k) if args.study else None
     if args.isolation is None:
         args.isolation = "framework" if args.tiny else "dtype"
 
@@ -864,6 +1462,7 @@ def main(argv=None):
             budget=args.budget,
             isolation=args.isolation,
             skip_torch=args.skip_torch,
+            study=args.study_settings,
         ),
         sigma=SIGMA,
         flux_guidance=GUIDANCE,
@@ -880,6 +1479,17 @@ def main(argv=None):
         devices = sorted({r["device"] for r in records if "device" in r})
         wall = time.perf_counter() - start
         out = dict(meta, devices=devices, wall_s=wall, cases=records)
+        if args.study:
+            out["study"] = dict(
+                paper_steps=STUDY_STEPS,
+                paper_images=STUDY_IMAGES,
+                fd_eps=STUDY_FD_EPS,
+                goal=f"jaxflow exact route / torch paper route <= {STUDY_GOAL} per image",
+                extrapolation=f"per-image ms at {STUDY_STEPS} steps x {STUDY_IMAGES} images; "
+                "from one step count S linear (ms / S a step), from several the "
+                "least-squares line a + b S (a fixed cost per solve, b a step)",
+                summary=study_summary(records),
+            )
         tmp = f"{args.out}.tmp"
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
@@ -896,7 +1506,7 @@ def main(argv=None):
     print(f"devices: {', '.join(devices) or '-'}; versions: {meta['versions']}")
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     print()
-    print(table(records))
+    print(study_table(records) if args.study else table(records))
     print("\nwrote", args.out)
     return records
 
