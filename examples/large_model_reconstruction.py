@@ -202,7 +202,7 @@ def solver_step(field, sigmas, heun):
     return step
 
 
-def make_study(times, solver, top_k, fd_eps):
+def make_study(times, solver, top_k, fd_eps, singular_values=0):
     """The per-image computation, vmapped: the field is an argument of the
     compiled function (closed over, its weights would become constants)."""
     sigmas = times[::-1]  # generation walks the grid from the noise end
@@ -234,7 +234,7 @@ def make_study(times, solver, top_k, fd_eps):
             throw=False,
         )
         results = (inverted.result, regenerated.result, perturbed.result, spectrum.result)
-        return dict(
+        out = dict(
             xhat=xhat,
             R=r,
             E_fd=e_fd,
@@ -242,11 +242,35 @@ def make_study(times, solver, top_k, fd_eps):
             exponents=spectrum.value.exponents,
             results=results,
         )
+        if singular_values:
+            # the directions G amplifies most, and by how much: s_1 = max_u E(zhat, u)
+            triplets = jf.top_singular_values(
+                jf.generation_map(field, solver=ode_solver, times=times),
+                zhat,
+                singular_values,
+                key=jax.random.fold_in(key, 1),
+            )
+            out.update(
+                singular_values=triplets.values,
+                singular_residuals=triplets.residuals,
+                singular_converged=triplets.converged,
+            )
+        return out
 
     return eqx.filter_jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
 
 
 STAGES = ("invert", "regenerate", "perturbed generate", "lyapunov")
+
+
+def singular_entry(res, j):
+    if "singular_values" not in res:
+        return {}
+    return dict(
+        singular_values=[float(v) for v in res["singular_values"][j]],
+        singular_residuals=[float(v) for v in res["singular_residuals"][j]],
+        singular_converged=bool(np.all(res["singular_converged"][j])),
+    )
 
 
 def psnr(a, b):
@@ -288,6 +312,13 @@ def main(argv=None):
     p.add_argument("--solver", choices=("euler", "heun"), default="euler")
     p.add_argument("--fd-eps", type=float, default=1e-3, help="|n| / |zhat| for E_fd")
     p.add_argument("--top-k", type=int, default=None, help="Lyapunov exponents (4; 2 quick)")
+    p.add_argument(
+        "--singular-values",
+        type=int,
+        default=None,
+        help="also the top k singular values of J_G at the inverted noise, matrix-free "
+        "(block Lanczos from JVPs and VJPs through the solve); 0: none (default; 2 quick)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens")
     p.add_argument("--batch", type=int, default=None, help="images a batch (local devices)")
@@ -304,6 +335,8 @@ def main(argv=None):
     size = args.size or (64 if args.quick else 1024)
     steps = args.steps or (8 if args.quick else 500)
     top_k = args.top_k or (2 if args.quick else 4)
+    if args.singular_values is None:
+        args.singular_values = 2 if args.quick else 0
     seq = args.max_sequence_length or (TINY_SEQUENCE if args.model in TINY else None)
     resamples = args.bootstrap or (200 if args.quick else 1000)
     devices = jax.local_devices()
@@ -325,6 +358,7 @@ def main(argv=None):
         fd_eps=args.fd_eps,
         fd_eps_meaning="|n| = fd_eps |zhat|, n = |n| u, u uniform on the sphere",
         top_k=top_k,
+        singular_values=args.singular_values,
         dtype=args.dtype,
         seed=args.seed,
         num_images=num,
@@ -400,7 +434,7 @@ def run(
     model = load_model(args, dtype, tmp)
     field = model.field("", height=size, width=size, max_sequence_length=seq)
     times = model.times(steps, height=size, width=size)
-    study = make_study(times, args.solver, top_k, args.fd_eps)
+    study = make_study(times, args.solver, top_k, args.fd_eps, args.singular_values)
     mesh = Mesh(np.asarray(devices), ("batch",))
     sharded, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
     field = jax.tree.map(lambda a: jax.device_put(a, replicated) if eqx.is_array(a) else a, field)
@@ -453,6 +487,7 @@ def run(
                     E_fd=float(res["E_fd"][j]),
                     E_jvp=float(res["E_jvp"][j]),
                     exponents=[float(v) for v in res["exponents"][j]],
+                    **singular_entry(res, j),
                     seconds=dict(
                         encode=encode_s / len(indices),
                         solves=solve_s / len(indices),
@@ -534,6 +569,21 @@ def summarise(records, args, resamples, skipped, computed):
     )
     median = np.round(np.median(exps, 0), 4).tolist()
     print(f"top-{exps.shape[1]} Lyapunov exponents per step (median over images): {median}")
+    if good[0].get("singular_values"):
+        s = np.array([g["singular_values"] for g in good])
+        # E_jvp is |J u| for one unit u: never above the largest singular value
+        bounded = bool(np.all(e_jvp <= s[:, 0] * (1 + 1e-3)))
+        results.update(
+            singular_values_median=np.median(s, 0).tolist(),
+            singular_converged=int(sum(g["singular_converged"] for g in good)),
+            E_jvp_below_s1=bounded,
+        )
+        print(
+            f"top-{s.shape[1]} singular values of J_G (median over images): "
+            f"{np.round(np.median(s, 0), 4).tolist()}; converged for "
+            f"{results['singular_converged']} of {len(good)}; E_jvp <= s_1 for every image: "
+            f"{bounded}"
+        )
     return results
 
 

@@ -71,6 +71,11 @@ def _quick_run_records_every_image(quick):
         assert abs(r["E_fd"] / r["E_jvp"] - 1) < 0.03
         assert len(r["exponents"]) == 2 and r["exponents"][0] >= r["exponents"][1]
         assert np.all(np.isfinite(r["exponents"]))
+        # the top singular values of J_G (matrix-free): the largest bounds every
+        # direction's amplification, the JVP's included
+        s = r["singular_values"]
+        assert len(s) == 2 and s[0] >= s[1] > 0 and r["singular_converged"]
+        assert r["E_jvp"] <= s[0] * (1 + 1e-3)
         assert (out / f"{NAME}_images" / f"{r['index']:06d}.png").exists()
     for key in ("R_vs_E_jvp", "R_vs_E_fd"):
         stats = res["correlations_of_logs"][key]
@@ -78,6 +83,7 @@ def _quick_run_records_every_image(quick):
         for name in ("pearson", "spearman"):
             assert -1 <= stats[name]["r"] <= 1 and "bootstrap_95" in stats[name]
     assert res["E_fd_vs_E_jvp"]["max_rel_diff"] < 0.03
+    assert res["E_jvp_below_s1"] and res["singular_converged"] == 4
 
 
 def _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path):
@@ -103,7 +109,8 @@ def _sharded_run_gives_the_same_records(quick, tmp_path):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
-    printed = run(tmp_path, env=env).stdout
+    # without the singular values, whose reverse-mode compile would double this run
+    printed = run(tmp_path, "--singular-values", "0", env=env).stdout
     assert "batches of 4 on 4 device(s)" in printed
     result, sharded = read(tmp_path)
     assert result["settings"]["batch"] == 4
@@ -116,6 +123,7 @@ def _sharded_run_gives_the_same_records(quick, tmp_path):
         # the finite difference divides rounding by |n| = 1e-3 |z|
         np.testing.assert_allclose(r["E_fd"], s["E_fd"], rtol=1e-3)
         np.testing.assert_allclose(r["exponents"], s["exponents"], rtol=1e-4, atol=1e-6)
+        assert "singular_values" not in r
 
 
 def test_lyapunov_step_map_is_the_generation_solvers_step(tmp_path):

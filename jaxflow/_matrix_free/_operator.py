@@ -32,9 +32,9 @@ class GenerationMap(eqx.Module):
     with `diffrax.RecursiveCheckpointAdjoint(checkpoints)` (`jax.vjp`,
     `jax.grad` work, in memory bounded by `checkpoints` saved states). It is a
     pytree: pass it as an argument to compiled code (`jax.jit` or
-    `eqx.filter_jit`): the field's arrays and any JAX-array setting are traced;
-    the other settings (`solver`, `steps`, tolerances, a NumPy `times` grid,
-    which must stay concrete) are static.
+    `eqx.filter_jit`): the field's arrays and any traced setting are leaves; the
+    other settings (`solver`, `steps`, tolerances, a `times` grid, which must stay
+    concrete) are static.
     """
 
     field: AbstractVelocityField
@@ -103,12 +103,12 @@ def generation_map(
         raise ValueError(f"generation_map needs a jaxflow field, got {describe(field)}.")
     if checkpoints is not None:
         checkpoints = check_positive_int("checkpoints", checkpoints)
-    # a NumPy grid (`times`) must stay concrete under jit: static, hashed by value;
-    # a JAX array (a traced tolerance) is a leaf
-    arrays = {k: v for k, v in solve_kwargs.items() if isinstance(v, jax.Array)}
+    # a concrete grid (`times`, NumPy or JAX) must stay concrete under jit: static,
+    # hashed by value; a traced value (a tolerance under jit) is a leaf
+    arrays = {k: v for k, v in solve_kwargs.items() if isinstance(v, jax.core.Tracer)}
     settings = tuple(
         sorted(
-            (k, _Grid(v) if isinstance(v, (np.ndarray, list, tuple)) else v)
+            (k, _Grid(v) if isinstance(v, (np.ndarray, jax.Array, list, tuple)) else v)
             for k, v in solve_kwargs.items()
             if k not in arrays
         )
