@@ -8,11 +8,20 @@ Paper 000 Lemma D.1 (an equality):
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._fields import AbstractVelocityField, AnalyticField, divergence, divergence_method
 from ._instability import log_abs_det_jacobian
-from ._misc import as_point, check_key, check_time
+from ._matrix_free._trace import (
+    Estimate,
+    check_method,
+    hutchinson_terms,
+    hutchpp_terms,
+    mean_and_stderr,
+    rademacher,
+)
+from ._misc import as_point, check_key, check_positive_int, check_time
 from ._results import Outcome, mask_failed
 from ._solve import (
     check_throw,
@@ -155,6 +164,144 @@ def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwar
         **kwargs,
     )
     return raise_or_outcome(y, result, name, throw, singular)
+
+
+def log_det_estimate(
+    field: AbstractVelocityField,
+    z: Float[ArrayLike, "..."],
+    *,
+    key: PRNGKeyArray,
+    probes: int | np.integer = 8,
+    sketch: int | np.integer | None = None,
+    method: str = "hutch++",
+    throw: bool = True,
+    **solve_kwargs,
+) -> Estimate | Outcome:
+    """`log |det J_G(z)|` with a standard error, from variance-reduced stochastic
+    divergences integrated along the trajectory: the matrix-free route for large
+    `n` (paper 000 Lemma D.1, `log |det J_G(z)| = -int_0^1 div v(x_t, t) dt`, with
+    the sign convention of `log_det_generation`: `d l / dt = div v(x_t, t)`
+    integrated from `t_noise` down to `t_data`).
+
+    With `A(t) = (dv/dx)(x_t, t)`, the probes `g_1..g_m` (and, for Hutch++, the
+    sketch `S`) are Rademacher vectors drawn once from `key` and held fixed along
+    the path; one solve integrates, alongside `x_t`,
+
+    - `'hutchinson'`: `d r_i / dt = g_i^T A(t) g_i` for each probe (`m` JVPs a
+      stage). The integrated `r_i` are i.i.d. unbiased estimates of the
+      integral: `value = mean(r_i)`, `stderr = std(r_i) / sqrt(m)`.
+    - `'hutch++'` (default; Meyer, Musco, Musco & Woodruff 2021, applied at each
+      stage): `Q(t) = orth(A(t) S)` recomputed at each stage from the fixed `S`,
+      `d e / dt = tr(Q(t)^T A(t) Q(t))` (exact, given `S`) and
+      `d r_i / dt = g_i^T P(t) A(t) P(t) g_i`, `P = I - Q Q^T` (`2k + m` JVPs a
+      stage). As `tr(Q^T A Q) + E[g^T P A P g] = tr(A)` for every `t`, and the
+      `g_i` are independent of `S`, the integrated `r_i` are i.i.d. given `S`:
+      `value = e + mean(r_i)`, `stderr = std(r_i) / sqrt(m)`. Both parts depend
+      on `Q(t)` only through the projector `Q Q^T`, smooth in `t`, so an adaptive
+      solver integrates them as it does `x_t`.
+
+    The estimate is unbiased for the solver's `log |det|` (the integral of the
+    exact divergence along the same solve, to the solver's accuracy), and the
+    standard error is that of the stochastic part only: it does not include the
+    solver's own error. Hutch++ pays where `A(t)` has a few dominant directions
+    (a field whose posterior moves mainly along a low-dimensional subspace);
+    Hutchinson with Rademacher probes is exact for a diagonal `A(t)`, which the
+    projection `P` spoils, so it is better where `A(t)` is diagonal plus a small
+    low-rank part: on a diagonal-covariance mixture at `n = 4096` (rectified flow,
+    8 probes) Hutchinson's standard error was 0.18 against Hutch++'s 1.4 (on
+    `log |det| = -2928`), at a third of the JVPs. Choose by the field.
+
+    **Arguments:**
+
+    - `field`, `z`: the field and one noise point `(n,)`.
+    - `key`: one PRNG key (the probes and the sketch).
+    - `probes`: `m`, the number of Hutchinson probes (>= 2, for a standard error).
+    - `sketch`: `k`, Hutch++'s sketch columns (capped at `n`); `None` for `probes`
+      (Meyer et al.'s equal split). Only with `method='hutch++'`.
+    - `method`: `'hutch++'` or `'hutchinson'`.
+    - `throw`: as for `jf.generate`: `False` returns an `Outcome` holding the
+      `Estimate`.
+    - `**solve_kwargs`: as for `jf.generate`.
+
+    **Returns:** an `Estimate(value, stderr)` of `log |det J_G(z)|`; with
+    `throw=False`, an `Outcome` holding it. `jf.geometric_mean_from_log_det`
+    turns it into `Ebar_G(z) = |det J_G(z)|^(1/n)`.
+
+    **Raises:** `ValueError` for a `key` that is not one PRNG key, `probes` not an
+    int >= 2, `sketch` not a positive int (or given with `'hutchinson'`), an
+    unknown `method`, and as `log_det_generation` (route `'divergence'`) for the
+    field, `z`, the times and the solver's arguments.
+    """
+    throw = check_throw(throw)
+    name = "log_det_estimate"
+    kwargs = dict(solve_kwargs)
+    t1, t0 = _span(field, kwargs, name)
+    check_key("key", key)
+    method = check_method(name, method)
+    m = check_positive_int("probes", probes)
+    if m < 2:
+        raise ValueError(f"{name}: probes must be >= 2 for a standard error, got {probes!r}.")
+    if sketch is not None:
+        if method != "hutch++":
+            raise ValueError(f"{name}: sketch= is Hutch++'s; method={method!r} has none.")
+        sketch = check_positive_int("sketch", sketch)
+    z = _point("z", z, name, field, throw)
+    z, ok = prepare(field, z, t1, t0, name)
+    n = z.shape[0]
+    k = min(m if sketch is None else sketch, n)
+    sketch_key, probe_key = jax.random.split(key)
+    g = rademacher(probe_key, (m, n), z.dtype)
+    s = rademacher(sketch_key, (k, n), z.dtype) if method == "hutch++" else None
+
+    def rhs(t, y):
+        x = y[0]
+        v, jvp = jax.linearize(lambda p: field.velocity_unchecked(p, t), x)
+
+        def matvec(u):  # in the state's dtype (a float64 law under a float32 state)
+            return jvp(u).astype(x.dtype)
+
+        if s is None:
+            return v, jnp.zeros((), x.dtype), hutchinson_terms(matvec, g.astype(x.dtype))
+        exact, terms = hutchpp_terms(matvec, s.astype(x.dtype), g.astype(x.dtype))
+        return v, exact, terms
+
+    singular = singular_end(field, t1, t0)
+    y0 = (z, jnp.zeros((), z.dtype), jnp.zeros((m,), z.dtype))
+    y, result = solve_ode(rhs, y0, t1, t0, name=name, input_ok=ok, singular=singular, **kwargs)
+    _, exact, terms = y
+    mean, stderr = mean_and_stderr(terms)
+    estimate = Estimate(exact + mean, stderr)
+    return raise_or_outcome(estimate, result, name, throw, singular)
+
+
+def geometric_mean_from_log_det(log_det: Estimate, n: int | np.integer) -> Estimate:
+    """`Ebar = |det J|^(1/n) = exp(log |det J| / n)` (paper 000 Def. 4.1, the
+    geometric mean of the singular values) from an estimate of `log |det J|`,
+    with the standard error propagated to first order (delta method):
+    `stderr(Ebar) = Ebar * stderr(log |det J|) / n`.
+
+    `exp` of an unbiased `log |det|` is biased upwards by the factor
+    `exp(stderr^2 / (2 n^2))` (for a normal error): negligible at large `n`.
+
+    **Arguments:**
+
+    - `log_det`: an `Estimate` of `log |det J|` (`jf.log_det_estimate`,
+      `jf.log_det_slq`).
+    - `n`: the dimension (a positive int).
+
+    **Returns:** an `Estimate(value, stderr)` of `Ebar`.
+
+    **Raises:** `ValueError` for `log_det` not an `Estimate` or `n` not a positive
+    int.
+    """
+    if not isinstance(log_det, Estimate):
+        raise ValueError(
+            "geometric_mean_from_log_det takes an Estimate (from jf.log_det_estimate or "
+            f"jf.log_det_slq), got {type(log_det).__name__}."
+        )
+    n = check_positive_int("n", n)
+    value = jnp.exp(log_det.value / n)
+    return Estimate(value, value * log_det.stderr / n)
 
 
 def invert_with_log_det(
