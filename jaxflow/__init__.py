@@ -32,7 +32,9 @@ from ._laws import GaussianNeighbours as GaussianNeighbours
 from ._learned import InterpolantField as InterpolantField
 from ._learned import LearnedField as LearnedField
 from ._logdet import generate_with_jacobian as generate_with_jacobian
+from ._logdet import geometric_mean_from_log_det as geometric_mean_from_log_det
 from ._logdet import invert_with_log_det as invert_with_log_det
+from ._logdet import log_det_estimate as log_det_estimate
 from ._logdet import log_det_generation as log_det_generation
 from ._lyapunov import LyapunovSpectrum as LyapunovSpectrum
 from ._lyapunov import alignment as alignment
@@ -40,6 +42,12 @@ from ._lyapunov import lyapunov_spectrum as lyapunov_spectrum
 from ._lyapunov import lyapunov_spectrum_of_map as lyapunov_spectrum_of_map
 from ._matrix_free._operator import GenerationMap as GenerationMap
 from ._matrix_free._operator import generation_map as generation_map
+from ._matrix_free._slq import log_det_slq as log_det_slq
+from ._matrix_free._svd import SingularTriplets as SingularTriplets
+from ._matrix_free._svd import smallest_singular_values as smallest_singular_values
+from ._matrix_free._svd import top_singular_values as top_singular_values
+from ._matrix_free._trace import Estimate as Estimate
+from ._matrix_free._trace import trace_estimate as trace_estimate
 from ._objectives import denoising_score_matching_loss as denoising_score_matching_loss
 from ._objectives import flow_matching_loss as flow_matching_loss
 from ._objectives import ot_pairing as ot_pairing
