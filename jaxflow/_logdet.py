@@ -16,6 +16,7 @@ from ._instability import log_abs_det_jacobian
 from ._matrix_free._trace import (
     Estimate,
     check_method,
+    gaussian,
     hutchinson_terms,
     hutchpp_terms,
     mean_and_stderr,
@@ -183,9 +184,9 @@ def log_det_estimate(
     the sign convention of `log_det_generation`: `d l / dt = div v(x_t, t)`
     integrated from `t_noise` down to `t_data`).
 
-    With `A(t) = (dv/dx)(x_t, t)`, the probes `g_1..g_m` (and, for Hutch++, the
-    sketch `S`) are Rademacher vectors drawn once from `key` and held fixed along
-    the path; one solve integrates, alongside `x_t`,
+    With `A(t) = (dv/dx)(x_t, t)`, the probes `g_1..g_m` (Rademacher) and, for
+    Hutch++, the sketch `S` (Gaussian) are drawn once from `key` and held fixed
+    along the path; one solve integrates, alongside `x_t`,
 
     - `'hutchinson'`: `d r_i / dt = g_i^T A(t) g_i` for each probe (`m` JVPs a
       stage). The integrated `r_i` are i.i.d. unbiased estimates of the
@@ -251,7 +252,7 @@ def log_det_estimate(
     k = min(m if sketch is None else sketch, n)
     sketch_key, probe_key = jax.random.split(key)
     g = rademacher(probe_key, (m, n), z.dtype)
-    s = rademacher(sketch_key, (k, n), z.dtype) if method == "hutch++" else None
+    s = gaussian(sketch_key, (k, n), z.dtype) if method == "hutch++" else None
 
     def rhs(t, y):
         x = y[0]

@@ -57,6 +57,12 @@ def mean_and_stderr(samples: Float[Array, "... m"]) -> tuple[Array, Array]:
     return mean, jnp.sqrt(var / m)
 
 
+def gaussian(key, shape, dtype) -> Array:
+    """Standard normal draws, the same numbers (to rounding) in every dtype: drawn
+    in float32, so a float32 and a float64 run from one key share the sketch."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def rademacher(key, shape, dtype) -> Array:
     """Rademacher (+-1) entries."""
     return jax.random.rademacher(key, shape, dtype=dtype)
@@ -152,7 +158,9 @@ def trace_estimate(
     - `'hutchinson'`: `(1/m) sum_i g_i^T A g_i`, `m = num_matvecs` Rademacher
       probes (Hutchinson 1990). `stderr = std(g_i^T A g_i) / sqrt(m)`.
     - `'hutch++'` (default): Meyer, Musco, Musco & Woodruff (2021), Algorithm 1:
-      `k = num_matvecs // 3` Rademacher sketch columns `S`, `Q = orth(A S)`,
+      `k = num_matvecs // 3` Gaussian sketch columns `S` (full rank almost
+      surely; a Rademacher sketch in few dimensions repeats columns),
+      `Q = orth(A S)`,
       `tr(Q^T A Q)` exactly, plus Hutchinson with `m = num_matvecs - 2k` probes on
       the residual `(I - QQ^T) A (I - QQ^T)`. `stderr` is that of the residual
       term (the sketch part is exact given `S`). Much smaller variance than
@@ -212,7 +220,7 @@ def trace_estimate(
         return Estimate(value, stderr)
     k, m = hutchpp_split(where, num_matvecs, n)
     exact, terms = hutchpp_terms(
-        mv, rademacher(sketch_key, (k, n), dtype), rademacher(probe_key, (m, n), dtype)
+        mv, gaussian(sketch_key, (k, n), dtype), rademacher(probe_key, (m, n), dtype)
     )
     value, stderr = mean_and_stderr(terms)
     return Estimate(exact + value, stderr)
