@@ -345,9 +345,9 @@ def _timed(call, sync, repeats: int):
     return first, 1e3 * statistics.median(times), out
 
 
-def _torch_worker(spec: dict, emit) -> None:
+def _torch_setup(spec: dict):
+    """`(device, memory, sync, base record)` of a diffusers worker process."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = "cpu" if spec["tiny"] or not torch.cuda.is_available() else "cuda"
     # float32 is float32: no TF32 matmuls or convolutions (diffusers' default too)
@@ -367,6 +367,14 @@ def _torch_worker(spec: dict, emit) -> None:
         torch=torch.__version__,
         diffusers=importlib.metadata.version("diffusers"),
     )
+    return device, memory, sync, base
+
+
+def _torch_worker(spec: dict, emit) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device, memory, sync, base = _torch_setup(spec)
     for name, dtype_name, sizes in spec["cases"]:
         family, config, length = _model_setup(name, spec["tiny"])
         dtype = getattr(torch, dtype_name)
@@ -777,24 +785,8 @@ def _torch_study_worker(spec: dict, emit) -> None:
     of the finite difference."""
     import torch
 
-    device = "cpu" if spec["tiny"] or not torch.cuda.is_available() else "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    memory = _Memory("torch", device)
-
-    def sync(x):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return x
-
-    base = dict(
-        framework="diffusers",
-        mode="study",
-        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
-        memory_kind=memory.kind,
-        torch=torch.__version__,
-        diffusers=importlib.metadata.version("diffusers"),
-    )
+    device, memory, sync, base = _torch_setup(spec)
+    base["mode"] = "study"
     for name, dtype_name, sizes in spec["cases"]:
         family, config, length = _model_setup(name, spec["tiny"])
         dtype = getattr(torch, dtype_name)
