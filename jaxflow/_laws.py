@@ -155,6 +155,69 @@ def _to_standard_basis(eigvecs, v):
     return v if eigvecs is None else jnp.einsum("kij,kj->ki", eigvecs, v)
 
 
+def _diagonal_parts(log_weights, means, eigvals, x, alpha, sigma):
+    """A diagonal mixture's responsibilities, per-component scores and denoisers
+    (zeroed where the responsibility is 0), and the whitened residuals `yc`, the
+    gains `alpha lam / c` and `c` that their derivatives in `x` need."""
+    logits, y, yc, c = _mixture_terms(log_weights, means, None, eigvals, x, alpha, sigma)
+    # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k), with the gain
+    # alpha lam / c <= 1 / alpha formed first: lam * yc overflows where c is tiny.
+    gain = alpha * eigvals / c
+    r, score_k, d_k, yc = _responsibilities(logits, -yc, means + gain * y, yc)
+    return r, score_k, d_k, yc, gain, c
+
+
+def _diagonal_posterior_direct(log_weights, means, eigvals, x, alpha, sigma):
+    r, score_k, d_k, *_ = _diagonal_parts(log_weights, means, eigvals, x, alpha, sigma)
+    return r @ d_k, r @ score_k
+
+
+@jax.custom_jvp
+def _diagonal_posterior(log_weights, means, eigvals, x, alpha, sigma):
+    """`(D, s)` of a mixture with diagonal (or isotropic) covariances.
+
+    Its derivative in `x` is written out so that many tangents at once are matrix
+    products with the `(K, n)` arrays, which do not depend on the tangents:
+    `d logit_k = -yc_k . u`, `dr = r (dl - r . dl)`,
+    `dD = dr D_k + (r gain) u`, `ds = dr s_k - (r / c) u` (`D_k`, `s_k` affine in
+    `x` with diagonal slopes). Autodiff of the direct formula instead forms
+    `(tangents, K, n)` arrays elementwise, 40x slower for 20 tangents at K = 300,
+    n = 4096. Derivatives in the other arguments are autodiff's."""
+    return _diagonal_posterior_direct(log_weights, means, eigvals, x, alpha, sigma)
+
+
+def _diagonal_posterior_jvp(primals, tangents):
+    *params, x, alpha, sigma = primals
+    *d_params, dx, d_alpha, d_sigma = tangents
+    r, score_k, d_k, yc, gain, c = _diagonal_parts(*params, x, alpha, sigma)
+    out = (r @ d_k, r @ score_k)
+    tangent = tuple(jnp.zeros_like(o) for o in out)
+    zero = jax.custom_derivatives.SymbolicZero
+    others = list(zip((*params, alpha, sigma), (*d_params, d_alpha, d_sigma), strict=True))
+    if not all(isinstance(d, zero) for _, d in others):
+        # the law's parameters and the path's coefficients: autodiff of the direct
+        # formula, `x` held fixed
+        def direct(lw, mu, lam, a, sg):
+            return _diagonal_posterior_direct(lw, mu, lam, x, a, sg)
+
+        _, tangent = jax.jvp(
+            direct,
+            tuple(a for a, _ in others),
+            tuple(jnp.zeros_like(a) if isinstance(d, zero) else d for a, d in others),
+        )
+    if not isinstance(dx, zero):
+        dl = -(yc @ dx)
+        dr = r * (dl - r @ dl)
+        tangent = (
+            tangent[0] + dr @ d_k + (r @ gain) * dx,
+            tangent[1] + dr @ score_k - (r @ (1 / c)) * dx,
+        )
+    return out, tangent
+
+
+_diagonal_posterior.defjvp(_diagonal_posterior_jvp, symbolic_zeros=True)
+
+
 class GaussianMixture(AbstractLaw):
     """Mixture of Gaussians `sum_k a_k N(mu_k, S_k)` (docs/mathematics.md §3).
 
@@ -224,6 +287,10 @@ class GaussianMixture(AbstractLaw):
 
     def posterior(self, x, alpha, sigma):
         x = _point(self, x)
+        if self.eigvecs is None:
+            return _diagonal_posterior(
+                jnp.log(self.weights), self.means, self.eigvals, x, alpha, sigma
+            )
         r, score_k, d_k = self._components(x, alpha, sigma)
         return r @ d_k, r @ score_k
 
