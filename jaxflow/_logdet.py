@@ -175,6 +175,7 @@ def log_det_estimate(
     probes: int | np.integer = 8,
     sketch: int | np.integer | None = None,
     method: str = "hutch++",
+    inverse: bool = False,
     throw: bool = True,
     **solve_kwargs,
 ) -> Estimate | Outcome:
@@ -214,23 +215,30 @@ def log_det_estimate(
 
     **Arguments:**
 
-    - `field`, `z`: the field and one noise point `(n,)`.
+    - `field`, `z`: the field and one noise point `(n,)` (a data point with
+      `inverse=True`).
     - `key`: one PRNG key (the probes and the sketch).
     - `probes`: `m`, the number of Hutchinson probes (>= 2, for a standard error).
     - `sketch`: `k`, Hutch++'s sketch columns (capped at `n`); `None` for `probes`
       (Meyer et al.'s equal split). Only with `method='hutch++'`.
     - `method`: `'hutch++'` or `'hutchinson'`.
+    - `inverse`: `True` to estimate `log |det J_{G^{-1}}(x)|` at a data point
+      `x` instead, along the inversion (from `t_data` up to `t_noise`): the
+      matrix-free counterpart of `jf.invert_with_log_det`, and the route to trust
+      where `G` expands enormously (`-log |det J_{G^{-1}}(x)| = log |det J_G(z)|`
+      at `z = G^{-1}(x)`; regenerating from `z` would follow another trajectory).
     - `throw`: as for `jf.generate`: `False` returns an `Outcome` holding the
       `Estimate`.
     - `**solve_kwargs`: as for `jf.generate`.
 
-    **Returns:** an `Estimate(value, stderr)` of `log |det J_G(z)|`; with
-    `throw=False`, an `Outcome` holding it. `jf.geometric_mean_from_log_det`
+    **Returns:** an `Estimate(value, stderr)` of `log |det J_G(z)|` (of
+    `log |det J_{G^{-1}}(x)|` with `inverse=True`); with `throw=False`, an
+    `Outcome` holding it. `jf.geometric_mean_from_log_det`
     turns it into `Ebar_G(z) = |det J_G(z)|^(1/n)`.
 
     **Raises:** `ValueError` for a `key` that is not one PRNG key, `probes` not an
     int >= 2, `sketch` not a positive int (or given with `'hutchinson'`), an
-    unknown `method`, and as `log_det_generation` (route `'divergence'`) for the
+    unknown `method`, `inverse` not a bool, and as `log_det_generation` (route `'divergence'`) for the
     field, `z`, the times and the solver's arguments.
     """
     throw = check_throw(throw)
@@ -246,8 +254,11 @@ def log_det_estimate(
         if method != "hutch++":
             raise ValueError(f"{name}: sketch= is Hutch++'s; method={method!r} has none.")
         sketch = check_positive_int("sketch", sketch)
-    z = _point("z", z, name, field, throw)
-    z, ok = prepare(field, z, t1, t0, name)
+    if not isinstance(inverse, bool):
+        raise ValueError(f"{name}: inverse must be True or False, got {inverse!r}.")
+    z = _point("x" if inverse else "z", z, name, field, throw)
+    start, end = (t0, t1) if inverse else (t1, t0)
+    z, ok = prepare(field, z, start, end, name)
     n = z.shape[0]
     k = min(m if sketch is None else sketch, n)
     sketch_key, probe_key = jax.random.split(key)
@@ -266,9 +277,9 @@ def log_det_estimate(
         exact, terms = hutchpp_terms(matvec, s.astype(x.dtype), g.astype(x.dtype))
         return v, exact, terms
 
-    singular = singular_end(field, t1, t0)
+    singular = singular_end(field, start, end)
     y0 = (z, jnp.zeros((), z.dtype), jnp.zeros((m,), z.dtype))
-    y, result = solve_ode(rhs, y0, t1, t0, name=name, input_ok=ok, singular=singular, **kwargs)
+    y, result = solve_ode(rhs, y0, start, end, name=name, input_ok=ok, singular=singular, **kwargs)
     _, exact, terms = y
     mean, stderr = mean_and_stderr(terms)
     estimate = Estimate(exact + mean, stderr)

@@ -156,6 +156,23 @@ def test_log_det_estimate_is_unbiased_for_the_solve_with_honest_stderr(method):
     _assert_unbiased_and_honest(est, exact)
 
 
+def test_log_det_estimate_along_the_inversion_is_unbiased_for_that_solve():
+    # inverse=True: log|det J_{G^-1}(x)| along the inversion, against the
+    # closed-form divergence integrated by the same fixed-step inversion
+    n = 64
+    field, z = _diag_mixture_field(n, 3.0)
+    cheap = dict(solver="heun", steps=12)
+    x = jf.generate(field, z, **cheap)
+    _, exact = jf.invert_with_log_det(field, x, divergence="closed_form", **cheap)
+    est = eqx.filter_jit(
+        jax.vmap(lambda k: log_det_estimate(field, x, key=k, probes=6, inverse=True, **cheap))
+    )(jax.random.split(KEY, 100))
+    _assert_unbiased_and_honest(est, float(exact))
+    # the inverse map's log-determinant: minus the generation's, to the solves' error
+    forward = float(jf.log_det_generation(field, z, divergence="closed_form", **cheap))
+    assert abs(float(exact) + forward) < 0.05 * abs(forward), (exact, forward)
+
+
 @eqx.filter_jit
 def _float32_and_outcome(field, z):
     cheap = dict(solver="euler", steps=8)
@@ -268,6 +285,7 @@ def test_bad_arguments(plain):
         (lambda: log_det_estimate(field, z, key=KEY, sketch=0), "sketch"),
         (lambda: log_det_estimate(field, z, key=KEY, sketch=2, method="hutchinson"), "sketch"),
         (lambda: log_det_estimate(field, z, key=KEY, method="trace"), "method"),
+        (lambda: log_det_estimate(field, z, key=KEY, inverse=1), "inverse"),
         (lambda: log_det_estimate(field, z, key=None), "PRNG key"),
         (lambda: log_det_estimate(field, jnp.zeros(3), key=KEY), "length"),
         (lambda: log_det_estimate(mv, z, key=KEY), "field"),
