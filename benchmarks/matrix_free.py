@@ -48,10 +48,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(fn, repeats: int):
-    """Median wall time of `repeats` calls after a warm-up, the cores busy
-    (CPU time / wall time over the timed calls) and the last output."""
-    out = fn()
+def timed(fn, repeats: int, warm_up: bool = True):
+    """Median wall time of `repeats` calls after a warm-up (none for eager torch,
+    which compiles nothing: at n = 65,536 one PyTorch Lanczos run takes the better
+    part of an hour on 2 cores), the cores busy (CPU time / wall time over the
+    timed calls) and the last output."""
+    out = fn() if warm_up else None
     walls, cpu0 = [], cpu_seconds()
     for _ in range(repeats):
         t = time.perf_counter()
@@ -121,7 +123,7 @@ def torch_route(weights, means, variances, z, steps, k, tol, max_iterations, rep
     def lanczos():
         return golub_kahan(jvp_fn, vjp_fn, n, k, tol, max_iterations, torch)
 
-    t_top, busy_top, (values, products) = timed(lanczos, max(1, repeats - 1))
+    t_top, busy_top, (values, products) = timed(lanczos, max(1, repeats - 1), warm_up=False)
     return dict(
         generate_s=t_g,
         generate_busy=busy_g,
