@@ -10,11 +10,23 @@ so w_n shrinks like 1/n), `pi_real` uniform on [0, 1]^n, rectified flow. For eac
   Theorem 4.1's bound 1 - eps - delta, eps and delta from the same samples;
 - M_0 of Theorem 4.3 and the median |G^{-1}(x)|^2 against delta's threshold.
 
+Past n = 1024 (`--large-dims`, default 2048 to 8192, fewer samples) the sweep goes on
+with the densities, exact and O(n). The matrix-free Ebar, the route any field has (a
+learned one included), is checked against them at `--matrix-free-dims`:
+`jf.log_det_estimate(..., inverse=True)`, Hutch++ divergence estimates integrated along
+the inversion, with its standard error, at a tight tolerance and at the sweep's. The
+divergence here is concentrated in narrow windows of time (the posterior switching
+between cubes of width w_n), which a loose adaptive solve steps over: any divergence
+route (the exact one of `jf.invert_with_log_det` too) then misses most of log|det|,
+while the densities need only z. The dense Jacobian's cost (n JVPs through the solve,
+n^2 floats) is measured at `--dense-cost-n` and scaled to say where it stops.
+
 Two checks: the change-of-variables log|det J_G| against the dense Jacobian at
 small n, and log Ebar at the sweep's tolerance against a tight solve. A control
 law (k^n cubes tiling the cube, small n) shows the bound where delta is small.
 
     python examples/instability_vs_dimension.py [--dims 2,4,...,1024] [--samples 64]
+        [--large-dims 2048,4096,8192] [--large-samples 16] [--matrix-free-dims 16,32]
 
 Writes out/instability_vs_dimension.png and out/instability_vs_dimension.json.
 """
@@ -68,10 +80,140 @@ def _route_check(field, x):
     return jax.vmap(one)(x)
 
 
+@eqx.filter_jit
+def _matrix_free(field, x, key, probes, rtol, max_steps):
+    """`log|det J_{G^{-1}}(x)|` for each sample, matrix-free: Hutch++ estimates of the
+    divergence integrated along the inversion. `dv/dx` is diagonal within a cube's
+    component plus a rank-(m - 1) part from the responsibilities, which dominates
+    where they switch: the sketch takes that part exactly (plain Hutchinson's error
+    was as large as the value)."""
+    keys = jax.random.split(key, x.shape[0])
+    return jax.vmap(
+        lambda xi, k: jf.log_det_estimate(
+            field,
+            xi,
+            key=k,
+            probes=probes,
+            sketch=4,
+            method="hutch++",
+            inverse=True,
+            rtol=rtol,
+            atol=rtol,
+            max_steps=max_steps,
+        )
+    )(x, keys)
+
+
+@eqx.filter_jit
+def _dense_log_det(field, x, rtol, max_steps):
+    """The dense route, for its cost: `n` JVPs of the inversion and `slogdet`."""
+    return jf.log_abs_det_jacobian(
+        lambda y: jf.invert(field, y, rtol=rtol, atol=rtol, max_steps=max_steps), x
+    )
+
+
+def _timed(fn, *a):
+    """Seconds of one call after a compiling call."""
+    jax.block_until_ready(fn(*a))
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*a))
+    return out, time.perf_counter() - start
+
+
 def rtol_for(n, scale):
     """The inversion's rtol (= atol): the cost of a tight solve grows fast with n
     while log Ebar grows like 1/w_n^2, so the needed relative accuracy falls."""
     return scale * (1e-6 if n <= 8 else 1e-5 if n <= 64 else 1e-4)
+
+
+def matrix_free_row(args, key, n, samples, Ms):
+    """log Ebar matrix-free at a tight tolerance and at the sweep's, against the
+    densities, on the same samples."""
+    law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
+    field = jf.AnalyticField(law, jf.RectifiedFlow())
+    x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)
+    rtol = rtol_for(n, args.rtol_scale)
+    density = np.asarray(_probability(field, x, jnp.asarray(Ms), rtol, args.max_steps).log_ebar)
+    start = time.perf_counter()
+    # log Ebar_G(G^{-1}(x)) = log|det J_G(z)| / n = -log|det J_{G^{-1}}(x)| / n
+    k = jax.random.fold_in(key, 7 * n)
+    tight = _matrix_free(field, x, k, args.probes, TIGHT["rtol"], TIGHT["max_steps"])
+    seconds = time.perf_counter() - start
+    loose = _matrix_free(field, x, k, args.probes, rtol, args.max_steps)
+    log_ebar, stderr = -np.asarray(tight.value) / n, np.asarray(tight.stderr) / n
+    log_ebar_loose = -np.asarray(loose.value) / n
+    log_m = np.log(Ms)
+    row = dict(
+        n=n,
+        P_M=np.mean(log_ebar[:, None] > log_m, axis=0),
+        P_M_density=np.mean(density[:, None] > log_m, axis=0),
+        log_ebar=log_ebar,
+        log_ebar_stderr=stderr,
+        log_ebar_density=density,
+        log_ebar_at_sweep_rtol=log_ebar_loose,
+        sweep_rtol=rtol,
+        # in nats of log|det J_G|, and in standard errors
+        max_abs_diff_vs_density=float(n * np.max(np.abs(log_ebar - density))),
+        max_diff_in_stderr=float(np.max(np.abs(log_ebar - density) / stderr)),
+        max_stderr=float(n * np.max(stderr)),
+        max_abs_diff_at_sweep_rtol=float(n * np.max(np.abs(log_ebar_loose - density))),
+        max_abs_log_det=float(n * np.max(np.abs(density))),
+        same_side_of_every_M=bool(
+            np.all((log_ebar[:, None] > log_m) == (density[:, None] > log_m))
+        ),
+        seconds_with_compile=seconds,
+    )
+    print(
+        f"matrix-free Ebar n={n} (Hutch++, {args.probes} probes + 4 sketch, rtol "
+        f"{TIGHT['rtol']:g}): log|det J_G| vs densities max |diff| "
+        f"{row['max_abs_diff_vs_density']:.3g} nats ({row['max_diff_in_stderr']:.1f} stderr; "
+        f"stderr <= {row['max_stderr']:.3g}, |log det| up to {row['max_abs_log_det']:.3g}), "
+        f"P_M {np.round(row['P_M'], 3)} (densities {np.round(row['P_M_density'], 3)}); at the "
+        f"sweep's rtol {rtol:g}: off by up to {row['max_abs_diff_at_sweep_rtol']:.3g} nats "
+        f"({seconds:.1f} s)",
+        flush=True,
+    )
+    return row
+
+
+def dense_cost_row(args, key, n, large_dims):
+    """One point at `n`: the dense route (n JVPs through the inversion, `slogdet`)
+    against the matrix-free estimate, each timed after compiling, and what the dense
+    route would need at the large n."""
+    law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
+    field = jf.AnalyticField(law, jf.RectifiedFlow())
+    x = jax.random.uniform(jax.random.fold_in(key, n), (1, n), jnp.float64)
+    rtol = rtol_for(n, args.rtol_scale)
+    tight = TIGHT["rtol"], TIGHT["max_steps"]
+    est, t_free = _timed(_matrix_free, field, x, key, args.probes, *tight)
+    dense, t_dense = _timed(_dense_log_det, field, x[0], *tight)
+    density = n * float(_probability(field, x, jnp.ones(1), rtol, args.max_steps).log_ebar[0])
+    row = dict(
+        n=n,
+        seconds_matrix_free=t_free,
+        seconds_dense=t_dense,
+        dense_over_matrix_free=t_dense / t_free,
+        log_det_G_density=density,
+        log_det_G_matrix_free=-float(est.value[0]),
+        log_det_G_matrix_free_stderr=float(est.stderr[0]),
+        log_det_G_dense=-float(dense),
+        # n lanes of an O(n) solve: n^2 at least (more steps with n, and slogdet's n^3
+        # are left out), so a lower bound
+        dense_seconds_lower_bound={m: t_dense * (m / n) ** 2 for m in large_dims},
+        dense_jacobian_gib={m: 8 * m * m / 2**30 for m in large_dims},
+    )
+    print(
+        f"dense route at n={n}, one point: {t_dense:.2f} s against {t_free:.3f} s matrix-free "
+        f"({row['dense_over_matrix_free']:.2g}x); log|det J_G| dense {row['log_det_G_dense']:.4g}"
+        f", matrix-free {row['log_det_G_matrix_free']:.4g}, densities {density:.4g}. At "
+        + ", ".join(
+            f"n={m}: >= {row['dense_seconds_lower_bound'][m]:.3g} s and "
+            f"{row['dense_jacobian_gib'][m]:.3g} GiB a point"
+            for m in large_dims
+        ),
+        flush=True,
+    )
+    return row
 
 
 def binomial_se(p, n):
@@ -93,6 +235,19 @@ def main(argv=None):
         help="multiplies the inversion's rtol = atol (1e-6 to n=8, 1e-5 to 64, then 1e-4)",
     )
     p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument(
+        "--large-dims",
+        default=None,
+        help="comma-separated n past the sweep, with matrix-free Ebar (2048,4096,8192,16384)",
+    )
+    p.add_argument("--large-samples", type=int, default=None, help="x per large n (16)")
+    p.add_argument(
+        "--matrix-free-dims", default=None, help="n where matrix-free Ebar is checked (16,32)"
+    )
+    p.add_argument("--probes", type=int, default=8, help="Hutch++ probes (sketch: 4 columns)")
+    p.add_argument(
+        "--dense-cost-n", type=int, default=None, help="n at which the dense route is timed (256)"
+    )
     args = p.parse_args(argv)
     dims = (
         [int(d) for d in args.dims.split(",")]
@@ -100,6 +255,18 @@ def main(argv=None):
         else ([2, 8, 16] if args.quick else [2**k for k in range(1, 11)])
     )
     samples = args.samples or (24 if args.quick else 64)
+    large_dims = (
+        [int(d) for d in args.large_dims.split(",") if d]
+        if args.large_dims is not None
+        else ([32] if args.quick else [2048, 4096, 8192])
+    )
+    large_samples = args.large_samples or (4 if args.quick else 16)
+    dense_cost_n = args.dense_cost_n or (8 if args.quick else 32)
+    free_dims = (
+        [int(d) for d in args.matrix_free_dims.split(",") if d]
+        if args.matrix_free_dims is not None
+        else ([8] if args.quick else [16, 32])
+    )
     Ms = [float(m) for m in args.M.split(",")]
     dense_dims = [n for n in dims if n <= (2 if args.quick else 8)]
     tol_dims = [] if args.quick else [max(dims)]
@@ -124,6 +291,19 @@ def main(argv=None):
             max_steps=args.max_steps,
             dims=dims,
             samples=samples,
+            large=dict(
+                dims=large_dims,
+                samples=large_samples,
+                dense_cost_n=dense_cost_n,
+            ),
+            matrix_free=dict(
+                dims=free_dims,
+                samples=4,
+                log_ebar="jf.log_det_estimate(inverse=True), Hutch++, along the inversion",
+                probes=args.probes,
+                sketch=args.probes,
+                rtol_atol=TIGHT["rtol"],
+            ),
             M=Ms,
             dense_check=dict(dims=dense_dims, samples=4, **TIGHT),
             tolerance_check=dict(dims=tol_dims, samples=4, tighter_by=10),
@@ -134,10 +314,12 @@ def main(argv=None):
     M = jnp.asarray(Ms)
     key = jax.random.PRNGKey(args.seed)
     rows = []
-    for n in progress(dims, desc="dimensions", quiet=args.quiet):
+    for n in progress(dims + large_dims, desc="dimensions", quiet=args.quiet):
+        large = n in large_dims
+        count = large_samples if large else samples
         law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
         field = jf.AnalyticField(law, jf.RectifiedFlow())
-        x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)
+        x = jax.random.uniform(jax.random.fold_in(key, n), (count, n), jnp.float64)
         start = time.perf_counter()
         r = _probability(field, x, M, rtol_for(n, args.rtol_scale), args.max_steps)
         log_ebar = np.asarray(r.log_ebar)
@@ -150,7 +332,8 @@ def main(argv=None):
             d_min_over_sqrt_n=float(law.min_box_distance()) / np.sqrt(n),
             M0=float(law.theorem_4_3_m0()),
             P_M=np.asarray(r.p_m),
-            P_M_standard_error=binomial_se(np.asarray(r.p_m), samples),
+            samples=count,
+            P_M_standard_error=binomial_se(np.asarray(r.p_m), count),
             eps=np.asarray(r.eps),
             delta=float(r.delta),
             bound=np.asarray(r.bound),
@@ -173,6 +356,9 @@ def main(argv=None):
             f"{row['log_ebar_quantiles']['median']:.4g}  ({elapsed:.1f} s)",
             flush=True,
         )
+
+    free_rows = [matrix_free_row(args, key, n, 4, Ms) for n in free_dims]
+    dense_cost = dense_cost_row(args, key, dense_cost_n, large_dims)
 
     # The change of variables against two other routes at small n.
     dense_rows = []
@@ -260,20 +446,22 @@ def main(argv=None):
     results = dict(
         sweep=rows,
         dense_check=dense_rows,
+        matrix_free=free_rows,
+        dense_cost=dense_cost,
         tolerance_check=tol_rows,
         control=control,
         P_M_non_decreasing_in_n=[bool(np.all(np.diff(P[:, j]) >= 0)) for j in range(len(Ms))],
         bound_respected_everywhere=bool(all(r["bound_respected"] for r in rows + control)),
     )
-    plot(rec, args, dims, Ms, rows, dense_rows, control, samples)
+    plot(rec, args, Ms, rows, dense_rows, control, samples, large_samples, free_rows, large_dims)
     path = rec.write(results)
     print(f"wrote {rec.png_path()} and {path} in {rec.data['wall_time_s']:.1f} s")
     return results
 
 
-def plot(rec, args, dims, Ms, rows, dense_rows, control, samples):
+def plot(rec, args, Ms, rows, dense_rows, control, samples, large_samples, free, large_dims):
     fig, axes = plt.subplots(2, 3, figsize=(18, 10))
-    ns = np.array(dims)
+    ns = np.array([r["n"] for r in rows])
     colours = plt.cm.viridis(np.linspace(0, 0.85, len(Ms)))
     ax = axes[0, 0]
     for j, (m, c) in enumerate(zip(Ms, colours, strict=True)):
@@ -281,14 +469,29 @@ def plot(rec, args, dims, Ms, rows, dense_rows, control, samples):
         se = np.array([r["P_M_standard_error"][j] for r in rows])
         ax.errorbar(ns, pm, yerr=se, color=c, marker="o", capsize=3, label=f"$P_M$, M = {m:g}")
         ax.plot(ns, [r["bound"][j] for r in rows], color=c, ls="--", marker="x")
+        ax.plot(
+            [r["n"] for r in free],
+            [r["P_M"][j] for r in free],
+            ls="none",
+            marker="D",
+            ms=10,
+            mfc="none",
+            color=c,
+        )
     ax.plot([], [], "k--x", label="bound $1-\\epsilon-\\delta$ (Thm 4.1)")
+    if free:
+        ax.plot(
+            [], [], "kD", mfc="none", ms=10, label="$P_M$, matrix-free Ebar (Hutch++, 4 points)"
+        )
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(
         xscale="log",
         xlabel="dimension n",
         ylabel="probability",
         ylim=(-0.08, 1.05),
-        title=f"(a) $P_M$ rises to 1 with n ({samples} samples a point, ±1 s.e.)",
+        title=f"(a) $P_M$ rises to 1 with n ({samples} samples a point"
+        + (f", {large_samples} from n = {large_dims[0]}" if large_dims else "")
+        + ", ±1 s.e.)",
     )
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=8, loc="center right")
@@ -319,6 +522,16 @@ def plot(rec, args, dims, Ms, rows, dense_rows, control, samples):
     ax.plot(
         ns, np.log([r["M0"] for r in rows]), "s--", color="tab:green", label="$\\log M_0$ (Thm 4.3)"
     )
+    if free:
+        ax.plot(
+            [r["n"] for r in free],
+            [np.median(r["log_ebar"]) for r in free],
+            "D",
+            mfc="none",
+            ms=10,
+            color="k",
+            label="median, matrix-free",
+        )
     for m, c in zip(Ms, colours, strict=True):
         ax.axhline(np.log(m), color=c, lw=0.8, ls=":")
     ax.set_xscale("log", base=2)

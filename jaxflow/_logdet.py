@@ -238,8 +238,8 @@ def log_det_estimate(
 
     **Raises:** `ValueError` for a `key` that is not one PRNG key, `probes` not an
     int >= 2, `sketch` not a positive int (or given with `'hutchinson'`), an
-    unknown `method`, `inverse` not a bool, and as `log_det_generation` (route `'divergence'`) for the
-    field, `z`, the times and the solver's arguments.
+    unknown `method`, `inverse` not a bool, and as `log_det_generation` (route
+    `'divergence'`) for the field, `z`, the times and the solver's arguments.
     """
     throw = check_throw(throw)
     name = "log_det_estimate"
