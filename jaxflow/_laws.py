@@ -683,7 +683,12 @@ class GaussianNeighbours(AbstractLaw):
     def theorem_4_3_m0(self) -> Float[Array, ""]:
         """`M_0 = min_i exp(dbar^2 / (8 w_i) - ln(1/w_i) + 2 + 3 sqrt(2/n))` of
         paper 000 Theorem 4.3 (as printed), `dbar = d_min / sqrt(n)`."""
+        return jnp.exp(self.theorem_4_3_log_m0())
+
+    def theorem_4_3_log_m0(self) -> Float[Array, ""]:
+        """`log M_0` (see `theorem_4_3_m0`), which stays finite where `M_0`
+        overflows (from n of a few thousand in float64)."""
         n = self.dim
         dbar = self.min_box_distance() / math.sqrt(n)
         w = self.widths
-        return jnp.min(jnp.exp(dbar**2 / (8 * w) + jnp.log(w) + 2 + 3 * math.sqrt(2 / n)))
+        return jnp.min(dbar**2 / (8 * w) + jnp.log(w) + 2 + 3 * math.sqrt(2 / n))

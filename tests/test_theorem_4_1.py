@@ -56,6 +56,11 @@ def test_m0_grows_as_widths_shrink():
     n = 64
     expect = np.exp((d / np.sqrt(n)) ** 2 / (8 * 0.01) + np.log(0.01) + 2 + 3 * np.sqrt(2 / n))
     np.testing.assert_allclose(m0, expect, rtol=1e-10)
+    np.testing.assert_allclose(float(law.theorem_4_3_log_m0()), np.log(expect), rtol=1e-12)
+    # in log space it stays finite where M_0 overflows
+    big = fixed_width_neighbours(64, width=1e-5)
+    assert np.isinf(float(big.theorem_4_3_m0()))
+    assert np.isfinite(float(big.theorem_4_3_log_m0()))
 
 
 @pytest.mark.parametrize("n", [1, 3, 40])
