@@ -155,20 +155,23 @@ def _to_standard_basis(eigvecs, v):
     return v if eigvecs is None else jnp.einsum("kij,kj->ki", eigvecs, v)
 
 
-def _diagonal_parts(log_weights, means, eigvals, x, alpha, sigma):
-    """A diagonal mixture's responsibilities, per-component scores and denoisers
-    (zeroed where the responsibility is 0), and the whitened residuals `yc`, the
-    gains `alpha lam / c` and `c` that their derivatives in `x` need."""
-    logits, y, yc, c = _mixture_terms(log_weights, means, None, eigvals, x, alpha, sigma)
+def _component_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma):
+    """A mixture's responsibilities `r_k`, per-component scores `s_k` and denoisers
+    `D_k` (zeroed where the responsibility is 0), and what their derivatives in `x`
+    need: the whitened residuals `yc` (zeroed alike; in each component's
+    eigenbasis), the gains `alpha lam / c` and `c = alpha^2 lam + sigma^2`."""
+    logits, y, yc, c = _mixture_terms(log_weights, means, eigvecs, eigvals, x, alpha, sigma)
+    score_k = -_to_standard_basis(eigvecs, yc)  # (K, n)
     # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k), with the gain
     # alpha lam / c <= 1 / alpha formed first: lam * yc overflows where c is tiny.
     gain = alpha * eigvals / c
-    r, score_k, d_k, yc = _responsibilities(logits, -yc, means + gain * y, yc)
+    d_k = means + _to_standard_basis(eigvecs, gain * y)
+    r, score_k, d_k, yc = _responsibilities(logits, score_k, d_k, yc)
     return r, score_k, d_k, yc, gain, c
 
 
 def _diagonal_posterior_direct(log_weights, means, eigvals, x, alpha, sigma):
-    r, score_k, d_k, *_ = _diagonal_parts(log_weights, means, eigvals, x, alpha, sigma)
+    r, score_k, d_k, *_ = _component_terms(log_weights, means, None, eigvals, x, alpha, sigma)
     return r @ d_k, r @ score_k
 
 
@@ -189,7 +192,10 @@ def _diagonal_posterior(log_weights, means, eigvals, x, alpha, sigma):
 def _diagonal_posterior_jvp(primals, tangents):
     *params, x, alpha, sigma = primals
     *d_params, dx, d_alpha, d_sigma = tangents
-    r, score_k, d_k, yc, gain, c = _diagonal_parts(*params, x, alpha, sigma)
+    log_weights, means, eigvals = params
+    r, score_k, d_k, yc, gain, c = _component_terms(
+        log_weights, means, None, eigvals, x, alpha, sigma
+    )
     out = (r @ d_k, r @ score_k)
     tangent = tuple(jnp.zeros_like(o) for o in out)
     zero = jax.custom_derivatives.SymbolicZero
@@ -275,15 +281,9 @@ class GaussianMixture(AbstractLaw):
 
     def _components(self, x, alpha, sigma):
         """Responsibilities `r_k` and per-component scores `s_k` and denoisers `D_k`."""
-        logits, y, yc, c = _mixture_terms(
+        return _component_terms(
             jnp.log(self.weights), self.means, self.eigvecs, self.eigvals, x, alpha, sigma
-        )
-        score_k = -_to_standard_basis(self.eigvecs, yc)  # (K, n)
-        # D_k = mu_k + alpha S_k C_k^{-1}(x - alpha mu_k), with the gain
-        # alpha lam / c <= 1 / alpha formed first: lam * yc overflows where c is tiny.
-        gain = alpha * self.eigvals / c
-        d_k = self.means + _to_standard_basis(self.eigvecs, gain * y)
-        return _responsibilities(logits, score_k, d_k)
+        )[:3]
 
     def posterior(self, x, alpha, sigma):
         x = _point(self, x)
