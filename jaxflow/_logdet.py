@@ -22,7 +22,7 @@ from ._matrix_free._trace import (
     mean_and_stderr,
     rademacher,
 )
-from ._misc import as_point, check_key, check_positive_int, check_time
+from ._misc import as_point, check_bool, check_key, check_positive_int, check_time
 from ._results import Outcome, mask_failed
 from ._solve import (
     check_throw,
@@ -258,8 +258,7 @@ def log_det_estimate(
         if method != "hutch++":
             raise ValueError(f"{name}: sketch= is Hutch++'s; method={method!r} has none.")
         sketch = check_positive_int("sketch", sketch)
-    if not isinstance(inverse, bool):
-        raise ValueError(f"{name}: inverse must be True or False, got {inverse!r}.")
+    inverse = check_bool("inverse", inverse)
     z = _point("x" if inverse else "z", z, name, field, throw)
     start, end = (t0, t1) if inverse else (t1, t0)
     z, ok = prepare(field, z, start, end, name)

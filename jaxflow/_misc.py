@@ -195,6 +195,13 @@ def check_nonempty(law: str, k: int, n: int, item: str = "component") -> None:
         raise ValueError(f"{law} needs points of dimension n >= 1, got n = {n}.")
 
 
+def check_bool(name: str, value) -> bool:
+    """`True` or `False` (not a truthy stand-in), returned as given."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def check_positive_int(name: str, value) -> int:
     """A positive Python or NumPy integer (not a bool), returned as `int`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

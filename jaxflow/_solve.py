@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
-from ._misc import check_positive_int, check_time_grid, time_in_range
+from ._misc import check_bool, check_positive_int, check_time_grid, time_in_range
 from ._results import RESULTS, Outcome, all_finite, classify, first_failure, mask_failed
 
 _NAMED_SOLVERS = {
@@ -308,9 +308,7 @@ def raise_or_outcome(value, result: RESULTS, name: str, throw: bool, singular: s
 
 
 def check_throw(throw) -> bool:
-    if not isinstance(throw, bool):
-        raise ValueError(f"throw must be True or False, got {throw!r}.")
-    return throw
+    return check_bool("throw", throw)
 
 
 def prepare(
