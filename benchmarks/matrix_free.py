@@ -286,30 +286,9 @@ def main(argv=None):
     for n in (int(s) for s in args.sizes.split(",")):
         weights, means, variances = mixture(n, args.components, args.seed)
         z = np.random.default_rng(args.seed + 1).standard_normal(n).astype(np.float32)
-        ours = jaxflow_route(
-            weights,
-            means,
-            variances,
-            z,
-            args.steps,
-            args.k,
-            args.tol,
-            args.repeats,
-            args.seed,
-            args.block_size,
-        )
-        theirs = torch_route(
-            weights,
-            means,
-            variances,
-            z,
-            args.steps,
-            args.k,
-            args.tol,
-            args.torch_max_iterations,
-            args.repeats,
-            args.seed,
-        )
+        problem = (weights, means, variances, z, args.steps, args.k, args.tol)
+        ours = jaxflow_route(*problem, args.repeats, args.seed, args.block_size)
+        theirs = torch_route(*problem, args.torch_max_iterations, args.repeats, args.seed)
         dense = dense_route(ours["g"], ours["z"], 256) if n <= args.dense_max else None
         rec = dict(
             n=n,

@@ -80,6 +80,18 @@ def _route_check(field, x):
     return jax.vmap(one)(x)
 
 
+SKETCH = 4  # Hutch++ sketch columns: the responsibilities' part has rank m - 1 = 2
+FREE_SAMPLES = 4  # points per n of the matrix-free check
+
+
+def _problem(args, key, n, count):
+    """The Gaussian-neighbour law at `n`, its rectified-flow field and `count`
+    uniform samples of `[0, 1]^n` (one key per `n`, so every use draws alike)."""
+    law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
+    x = jax.random.uniform(jax.random.fold_in(key, n), (count, n), jnp.float64)
+    return law, jf.AnalyticField(law, jf.RectifiedFlow()), x
+
+
 @eqx.filter_jit
 def _matrix_free(field, x, key, probes, rtol, max_steps):
     """`log|det J_{G^{-1}}(x)|` for each sample, matrix-free: Hutch++ estimates of the
@@ -94,7 +106,7 @@ def _matrix_free(field, x, key, probes, rtol, max_steps):
             xi,
             key=k,
             probes=probes,
-            sketch=4,
+            sketch=SKETCH,
             method="hutch++",
             inverse=True,
             rtol=rtol,
@@ -129,9 +141,7 @@ def rtol_for(n, scale):
 def matrix_free_row(args, key, n, samples, Ms):
     """log Ebar matrix-free at a tight tolerance and at the sweep's, against the
     densities, on the same samples."""
-    law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
-    field = jf.AnalyticField(law, jf.RectifiedFlow())
-    x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)
+    _, field, x = _problem(args, key, n, samples)
     rtol = rtol_for(n, args.rtol_scale)
     # the densities with the same tight solve: at the sweep's rtol, log N(z) is off by
     # about |z| |dz|, hundreds of nats here (|z|^2 is 1e7 times the Gaussian shell's)
@@ -168,7 +178,7 @@ def matrix_free_row(args, key, n, samples, Ms):
         seconds_with_compile=seconds,
     )
     print(
-        f"matrix-free Ebar n={n} (Hutch++, {args.probes} probes + 4 sketch, rtol "
+        f"matrix-free Ebar n={n} (Hutch++, {args.probes} probes + {SKETCH} sketch, rtol "
         f"{TIGHT['rtol']:g}): log|det J_G| vs densities max |diff| "
         f"{row['max_abs_diff_vs_density']:.3g} nats ({row['max_diff_in_stderr']:.1f} stderr; "
         f"stderr <= {row['max_stderr']:.3g}, |log det| up to {row['max_abs_log_det']:.3g}), "
@@ -184,9 +194,7 @@ def dense_cost_row(args, key, n, large_dims):
     """One point at `n`: the dense route (n JVPs through the inversion, `slogdet`)
     against the matrix-free estimate, each timed after compiling, and what the dense
     route would need at the large n."""
-    law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
-    field = jf.AnalyticField(law, jf.RectifiedFlow())
-    x = jax.random.uniform(jax.random.fold_in(key, n), (1, n), jnp.float64)
+    _, field, x = _problem(args, key, n, 1)
     tight = TIGHT["rtol"], TIGHT["max_steps"]
     est, t_free = _timed(_matrix_free, field, x, key, args.probes, *tight)
     dense, t_dense = _timed(_dense_log_det, field, x[0], *tight)
@@ -241,15 +249,15 @@ def main(argv=None):
     p.add_argument(
         "--large-dims",
         default=None,
-        help="comma-separated n past the sweep, with matrix-free Ebar (2048,4096,8192,16384)",
+        help="comma-separated n past the sweep, with fewer samples (2048,4096,8192)",
     )
     p.add_argument("--large-samples", type=int, default=None, help="x per large n (16)")
     p.add_argument(
         "--matrix-free-dims", default=None, help="n where matrix-free Ebar is checked (16,32)"
     )
-    p.add_argument("--probes", type=int, default=8, help="Hutch++ probes (sketch: 4 columns)")
+    p.add_argument("--probes", type=int, default=8, help=f"Hutch++ probes (sketch: {SKETCH})")
     p.add_argument(
-        "--dense-cost-n", type=int, default=None, help="n at which the dense route is timed (256)"
+        "--dense-cost-n", type=int, default=None, help="n at which the dense route is timed (32)"
     )
     args = p.parse_args(argv)
     dims = (
@@ -301,10 +309,10 @@ def main(argv=None):
             ),
             matrix_free=dict(
                 dims=free_dims,
-                samples=4,
+                samples=FREE_SAMPLES,
                 log_ebar="jf.log_det_estimate(inverse=True), Hutch++, along the inversion",
                 probes=args.probes,
-                sketch=args.probes,
+                sketch=SKETCH,
                 rtol_atol=TIGHT["rtol"],
             ),
             M=Ms,
@@ -320,9 +328,7 @@ def main(argv=None):
     for n in progress(dims + large_dims, desc="dimensions", quiet=args.quiet):
         large = n in large_dims
         count = large_samples if large else samples
-        law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
-        field = jf.AnalyticField(law, jf.RectifiedFlow())
-        x = jax.random.uniform(jax.random.fold_in(key, n), (count, n), jnp.float64)
+        law, field, x = _problem(args, key, n, count)
         start = time.perf_counter()
         r = _probability(field, x, M, rtol_for(n, args.rtol_scale), args.max_steps)
         log_ebar = np.asarray(r.log_ebar)
@@ -361,15 +367,14 @@ def main(argv=None):
             flush=True,
         )
 
-    free_rows = [matrix_free_row(args, key, n, 4, Ms) for n in free_dims]
+    free_rows = [matrix_free_row(args, key, n, FREE_SAMPLES, Ms) for n in free_dims]
     dense_cost = dense_cost_row(args, key, dense_cost_n, large_dims)
 
     # The change of variables against two other routes at small n.
     dense_rows = []
     for n in progress(dense_dims, desc="route check", quiet=args.quiet):
-        law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
-        field = jf.AnalyticField(law, jf.RectifiedFlow())
-        x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)[:4]
+        _, field, x = _problem(args, key, n, samples)
+        x = x[:4]
         divergence, density, dense, regen = (np.asarray(a) for a in _route_check(field, x))
         sweep = n * np.asarray(
             _probability(field, x, M, rtol_for(n, args.rtol_scale), args.max_steps).log_ebar
@@ -398,9 +403,8 @@ def main(argv=None):
     # The sweep's tolerance against a ten times tighter solve.
     tol_rows = []
     for n in tol_dims:
-        law = sparse_neighbours(n, args.m, args.side, args.alpha, seed=args.seed + n)
-        field = jf.AnalyticField(law, jf.RectifiedFlow())
-        x = jax.random.uniform(jax.random.fold_in(key, n), (samples, n), jnp.float64)[:4]
+        _, field, x = _problem(args, key, n, samples)
+        x = x[:4]
         rtol = rtol_for(n, args.rtol_scale)
         loose = np.asarray(_probability(field, x, M, rtol, args.max_steps).log_ebar)
         tight = np.asarray(_probability(field, x, M, rtol / 10, 10 * args.max_steps).log_ebar)
@@ -485,7 +489,12 @@ def plot(rec, args, Ms, rows, dense_rows, control, samples, large_samples, free,
     ax.plot([], [], "k--x", label="bound $1-\\epsilon-\\delta$ (Thm 4.1)")
     if free:
         ax.plot(
-            [], [], "kD", mfc="none", ms=10, label="$P_M$, matrix-free Ebar (Hutch++, 4 points)"
+            [],
+            [],
+            "kD",
+            mfc="none",
+            ms=10,
+            label=f"$P_M$, matrix-free Ebar (Hutch++, {FREE_SAMPLES} points)",
         )
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(
