@@ -21,6 +21,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AnalyticField
+from ._linalg import log_abs_det
+from ._linalg import singular_values as dense_singular_values
 from ._misc import (
     as_batch,
     as_float_array,
@@ -55,13 +57,13 @@ def jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, "n n"]:
 
 def singular_values(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, " n"]:
     """Singular values of `J_F(x)`, descending. **Raises:** as `jacobian`."""
-    return jnp.linalg.svd(_jacobian(fn, x, "singular_values"), compute_uv=False)
+    return dense_singular_values(_jacobian(fn, x, "singular_values"))
 
 
 def log_abs_det_jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
     """`log |det J_F(x)|` from the dense Jacobian (LU, `slogdet`). **Raises:** as
     `jacobian`."""
-    return jnp.linalg.slogdet(_jacobian(fn, x, "log_abs_det_jacobian"))[1]
+    return log_abs_det(_jacobian(fn, x, "log_abs_det_jacobian"))
 
 
 def geometric_mean_singular_value(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, ""]:
@@ -72,7 +74,7 @@ def geometric_mean_singular_value(fn: Map, x: Float[ArrayLike, "..."]) -> Float[
     **Raises:** as `jacobian`.
     """
     jac = _jacobian(fn, x, "geometric_mean_singular_value")
-    return jnp.exp(jnp.linalg.slogdet(jac)[1] / jac.shape[0])
+    return jnp.exp(log_abs_det(jac) / jac.shape[0])
 
 
 def _check_direction(what, x, name, u):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from ._linalg import qr
 from ._misc import (
     as_point,
     check,
@@ -105,7 +106,7 @@ def _initial_frame(where, n, k, dtype, key, frame) -> Float[Array, "n k"]:
         frame = jnp.asarray(frame, dtype)
         if frame.shape != (n, k):
             raise ValueError(f"frame must have shape ({n}, {k}), got {frame.shape}.")
-        q, r = jnp.linalg.qr(check_finite("frame", frame, where))
+        q, r = qr(check_finite("frame", frame, where))
         diag = jnp.abs(jnp.diagonal(r))
         tiny = n * jnp.finfo(dtype).eps * jnp.max(diag)
         return check(
@@ -115,7 +116,7 @@ def _initial_frame(where, n, k, dtype, key, frame) -> Float[Array, "n k"]:
         )
     if key is None:
         return jnp.eye(n, k, dtype=dtype)
-    q, _ = jnp.linalg.qr(jax.random.normal(check_key("key", key), (n, k), dtype))
+    q, _ = qr(jax.random.normal(check_key("key", key), (n, k), dtype))
     return q
 
 
@@ -142,7 +143,7 @@ def _qr_step(step_fn, x, q, i):
     `diag R > 0` and the frame varies continuously."""
     push = jax.vmap(lambda col: jax.jvp(lambda y: step_fn(y, i), (x,), (col,)), in_axes=1)
     xs, aq = push(q)
-    q_new, r = jnp.linalg.qr(aq.T)
+    q_new, r = qr(aq.T)
     sign = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
     # Q' S and S R with S = diag(sign) leave the product unchanged
     return xs[0], q_new * sign, r * sign[:, None]

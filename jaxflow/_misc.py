@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike
 
+from ._linalg import eigh
+
 
 def is_concrete(*arrays) -> bool:
     """True when every argument holds concrete values (not a tracer under jit)."""
@@ -98,7 +100,7 @@ def check_spd(name: str, matrices: jax.Array, eps: float = 0.0) -> tuple[jax.Arr
         f"{name} must be symmetric (to {rel:.1g} relative); pass (S + S.T) / 2.",
         lambda: f"max |S - S^T| = {np.max(asym):.3g}",
     )
-    lam, vec = jnp.linalg.eigh(0.5 * (m + xp.swapaxes(m, -1, -2)))
+    lam, vec = eigh(0.5 * (m + xp.swapaxes(m, -1, -2)))
     spectrum = xp.asarray(lam)
     lam = check(
         lam,

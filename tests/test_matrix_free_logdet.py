@@ -225,12 +225,9 @@ def _slq_plain(x, keys):
     return many, one, one32, dense, jf.geometric_mean_singular_value(fn, x)
 
 
-# In a fresh-clone CI run (2 cores, pytest-xdist) this test's compiled program
-# stopped with every thread in a futex wait and no CPU use, twice (XLA:CPU, a
-# vmap of 200 SLQ runs with the eqx.error_if checks inside); alone it passes in
-# seconds. Skipped until the deadlock is understood, so that it cannot stall the
-# suite; log_det_slq stays covered by the generation-map and identity tests.
-@pytest.mark.skip(reason="intermittent XLA:CPU deadlock under xdist, under investigation")
+# This program (a vmap of 200 SLQ runs beside two more in one jit) deadlocked
+# XLA:CPU on 2 cores when its eigendecompositions were batched; jaxflow._linalg
+# decomposes one matrix at a time (tests/test_linalg.py checks the lowering).
 def test_slq_matches_slogdet_of_a_plain_map_and_its_stderr_is_honest():
     n = 32
     x = jnp.asarray(np.random.default_rng(6).standard_normal(n))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._linalg import eigh
 from .._misc import check_key, check_positive_int
 from ._operator import jacobian_products
 from ._trace import Estimate, mean_and_stderr, rademacher
@@ -64,7 +65,7 @@ def lanczos_log_quadrature(matvec, u: Float[Array, " n"], depth: int) -> Float[A
     init = (basis, u, jnp.zeros_like(u), zero, zero, jnp.zeros((), bool))
     _, (alphas, betas) = jax.lax.scan(step, init, jnp.arange(depth))
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    theta, vecs = jnp.linalg.eigh(tri)
+    theta, vecs = eigh(tri)
     theta = jnp.maximum(theta, jnp.finfo(dtype).tiny)
     return jnp.sum(vecs[0] ** 2 * jnp.log(theta))
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, Real
 
+from .._linalg import eigh, svd
 from .._misc import as_point, check_key, check_number, check_positive_int, describe
 from ._operator import GenerationMap, jacobian_products
 
@@ -332,7 +333,7 @@ def _orthonormal(p, threshold):
     """An orthonormal basis of the columns of `p` from the eigendecomposition of
     their Gram matrix: the directions with eigenvalue above `threshold` (others
     become zero columns)."""
-    lam, vec = jnp.linalg.eigh(p.T @ p)
+    lam, vec = eigh(p.T @ p)
     keep = lam > threshold
     scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1)), 0)
     return p @ (vec * scale)
@@ -413,7 +414,7 @@ def _block_lanczos(jvps, vjps, n, dtype, k, b, q, tol, key) -> SingularTriplets:
         # Rayleigh-Ritz on the filled part of B
         def ritz(size, bj):
             s = size * b
-            x, sv, yt = jnp.linalg.svd(bj[:s, :s])
+            x, sv, yt = svd(bj[:s, :s])
             pad = jnp.zeros((m, k), dtype)
             return sv[:k], pad.at[:s].set(x[:, :k]), pad.at[:s].set(yt[:k].T)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._linalg import eigh
 from .._misc import check_key, check_positive_int, describe
 
 _TRACE_METHODS = ("hutch++", "hutchinson")
@@ -84,7 +85,7 @@ def orthonormal_range(ys: Float[Array, "k n"]) -> Float[Array, "k n"]:
     k = ys.shape[0]
     tol = 10 * k * jnp.finfo(ys.dtype).eps
     for _ in range(2):
-        lam, vec = jnp.linalg.eigh(ys @ ys.T)
+        lam, vec = eigh(ys @ ys.T)
         keep = lam > tol * jnp.max(lam)
         scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1)), 0)
         ys = (vec * scale).T @ ys
