@@ -98,6 +98,8 @@ def test_checks():
     unchecked = getattr(jf.generation_map, "__wrapped__", jf.generation_map)  # as users run it
     with pytest.raises(ValueError, match="jaxflow field"):
         unchecked("field")
+    with pytest.raises(ValueError, match="inverse must be True or False"):
+        unchecked(field, inverse="yes")  # bool("no") is True: a truthy stand-in is refused
     with pytest.raises(ValueError, match="shape"):
         jacobian_products(lambda x: x[:1], jnp.ones(2), "test")
     with pytest.raises(ValueError, match="finite"):

@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .._fields import AbstractVelocityField
-from .._misc import as_point, check_map_output, check_positive_int, describe
+from .._misc import as_point, check_bool, check_map_output, check_positive_int, describe
 from .._solve import generate, invert
 
 
@@ -119,7 +119,7 @@ def generation_map(
         raise ValueError(
             f"generation_map: every setting must be an array or hashable; {e}."
         ) from None
-    return GenerationMap(field, settings, arrays, bool(inverse), checkpoints)
+    return GenerationMap(field, settings, arrays, check_bool("inverse", inverse), checkpoints)
 
 
 class _Grid:
