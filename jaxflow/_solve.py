@@ -436,7 +436,11 @@ def generate(
     - `t_noise, t_data`: override the ends of the span (e.g. stop at `t_data=1e-3`
       for an `Empirical` law, whose velocity is singular at 0).
     - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work).
-      For `jax.grad`/`jax.vjp` pass `diffrax.RecursiveCheckpointAdjoint()`.
+      For `jax.grad`/`jax.vjp` pass `diffrax.RecursiveCheckpointAdjoint()`. With an
+      adaptive solver the derivative is of the steps taken, not under error
+      control (14% off near paper 000's Fig. 3 ridge at the default `rtol`):
+      `jf.generate_with_jacobian` controls `J_G`'s error; a fixed-step solver makes
+      the discrete map the exact object.
     - `times`: instead of `steps`, a fixed grid, increasing from the data end to the
       noise end (`generate` walks it backwards, `invert` forwards, so a
       reconstruction uses one grid both ways); its ends are the span. Fine steps

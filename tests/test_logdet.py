@@ -125,3 +125,26 @@ def test_invert_with_log_det_is_minus_the_generation_log_det(seed, path):
 @eqx.filter_jit
 def _invert_with_log_det(field, x):
     return jf.invert_with_log_det(field, x, **SOLVE)
+
+
+def test_jacfwd_of_an_adaptive_solve_is_not_error_controlled():
+    """README's note: near paper 000's Fig. 3 ridge, `jax.jacfwd` of an adaptive
+    `generate` differentiates the step-size choices (off by 14% at the default
+    rtol), while `generate_with_jacobian` puts `J` under error control (3.4e-8);
+    the reference is the variational equation solved at rtol = atol = 1e-12."""
+    field = jf.AnalyticField(jf.data.fig3_mixture(jnp.float64), jf.RectifiedFlow())
+    z = jnp.array([0.0, 0.6])
+    through_solver = jax.jit(jax.jacfwd(lambda z: jf.generate(field, z)))(z)
+    controlled = jax.jit(lambda z: jf.generate_with_jacobian(field, z)[1])(z)
+    tight = jax.jit(lambda z: jf.generate_with_jacobian(field, z, rtol=1e-12, atol=1e-12)[1])(z)
+    assert float(jnp.linalg.norm(tight)) > 1e4  # on the ridge: strongly expanding
+
+    def rel(a):
+        return float(jnp.linalg.norm(a - tight) / jnp.linalg.norm(tight))
+
+    assert rel(controlled) < 1e-6
+    assert rel(through_solver) > 1e-2
+    # the same solve's G agrees: only the derivative of the step choices is off
+    np.testing.assert_allclose(
+        jf.generate(field, z), jf.generate_with_jacobian(field, z)[0], rtol=1e-7
+    )
