@@ -259,7 +259,7 @@ def main(argv=None):
         help="the PyTorch Lanczos's cap (200: 400 products, jaxflow's default cap at b = 20)",
     )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--check-n", type=int, default=256)
+    p.add_argument("--check-n", type=int, default=256, help="accuracy check size (0: none)")
     p.add_argument("--dense-max", type=int, default=4096, help="largest n for the dense route")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="matrix_free.json")
@@ -278,7 +278,9 @@ def main(argv=None):
         settings=vars(args),
         check=accuracy_check(
             args.check_n, args.components, args.steps, args.k, args.tol, 1, args.block_size
-        ),
+        )
+        if args.check_n
+        else None,
         sizes=[],
     )
     print(f"accuracy at n = {args.check_n}: {results['check']}", flush=True)
@@ -288,6 +290,15 @@ def main(argv=None):
         z = np.random.default_rng(args.seed + 1).standard_normal(n).astype(np.float32)
         problem = (weights, means, variances, z, args.steps, args.k, args.tol)
         ours = jaxflow_route(*problem, args.repeats, args.seed, args.block_size)
+        # printed before the PyTorch route runs, which takes far longer at large n
+        print(
+            f"n = {n}, jaxflow: G {ours['generate_s']:.3g} s, top-{args.k} "
+            f"{ours['top_s']:.3g} s = {ours['top_s'] / ours['generate_s']:.1f} G, "
+            f"{ours['iterations']} block steps, converged {ours['converged']}, compile "
+            f"{ours['generate_compile_s'] + ours['top_compile_s']:.1f} s, busy "
+            f"{ours['top_busy']:.1f}, values {np.array2string(ours['values'], precision=5)}",
+            flush=True,
+        )
         theirs = torch_route(*problem, args.torch_max_iterations, args.repeats, args.seed)
         dense = dense_route(ours["g"], ours["z"], 256) if n <= args.dense_max else None
         rec = dict(
