@@ -39,7 +39,6 @@ Writes out/digits_singular_values.png and .json; trained weights under `--cache`
 (default out/cache).
 """
 
-import os
 import time
 
 import equinox as eqx
@@ -47,12 +46,18 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-import optax
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from _common import Record, final_loss, parser, progress  # noqa: E402
-from _digits import T_MIN, T_NOISE, add_model_arguments, digits_field, model_settings  # noqa: E402
+from _common import Record, parser, progress  # noqa: E402
+from _digits import (  # noqa: E402
+    T_MIN,
+    T_NOISE,
+    add_model_arguments,
+    digits_field,
+    model_settings,
+    train_unet,
+)
 
 import jaxflow as jf  # noqa: E402
 
@@ -68,42 +73,27 @@ def upsampled_digits(size: int) -> np.ndarray:
 
 def train_at_size(args, size: int):
     """`(field, info)`: a UNet trained at `size` x `size` as `_digits.py` trains the
-    8x8 one (noise parameterisation, OU path, Adam with warm-up and cosine decay,
-    EMA), briefly; cached under `args.cache`."""
-    data = upsampled_digits(size)
-    path = jf.OrnsteinUhlenbeck(T=T_NOISE)
+    8x8 one, briefly (smaller batches and warm-up); cached under `args.cache`."""
     mult = (1, 2) if size <= 16 else (1, 2, 2)
-    net = jf.nn.UNet(
-        (1, size, size), args.big_channels, mult, 1, key=jax.random.PRNGKey(args.seed + 11)
-    )
     steps = args.big_train_steps
-    cache = os.path.join(
-        args.cache, f"digits{size}_unet{args.big_channels}_{steps}_seed{args.seed}"
-    )
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 50, max(steps, 51))
-    start = time.perf_counter()
-    result = jf.train(
-        net,
-        lambda m, x, k: jf.denoising_score_matching_loss(m, path, x, k),
-        data,
+    field, info = train_unet(
+        upsampled_digits(size),
+        args.cache,
+        seed=args.seed,
+        name=f"digits{size}",
+        size=size,
+        multipliers=mult,
+        channels=args.big_channels,
         steps=steps,
-        key=jax.random.PRNGKey(args.seed + 12),
-        optimiser=optax.adam(schedule),
-        batch_size=64,
+        batch=64,
+        warmup=50,
         chunk=50,
-        checkpoint_dir=cache,
+        # keys apart from the 8x8 model's; one checkpoint, at the end, for a short run
+        seed_offset=11,
         checkpoint_every=max(steps, 1),
-        config=dict(model=f"digits{size}", channels=args.big_channels),
         progress=not args.quiet,
     )
-    info = dict(
-        n=size * size,
-        multipliers=mult,
-        train_steps=steps,
-        train_seconds=time.perf_counter() - start,
-        final_loss=final_loss(result),
-    )
-    return jf.LearnedField(result.ema, path, "noise"), info
+    return field, dict(n=size * size, multipliers=mult, train_steps=steps, **info)
 
 
 def cast(tree, dtype):
