@@ -9,7 +9,14 @@ import importlib.metadata
 
 from . import data as data
 from . import nn as nn
+from ._batch_generate import AbstractSchedule as AbstractSchedule
+from ._batch_generate import Chunks as Chunks
+from ._batch_generate import JointSteps as JointSteps
+from ._batch_generate import LaneRefill as LaneRefill
+from ._batch_generate import batch_generate as batch_generate
 from ._batching import batch_map as batch_map
+from ._batching import chunk_size as chunk_size
+from ._batching import use_cpu_devices as use_cpu_devices
 from ._fields import AbstractField as AbstractField
 from ._fields import AbstractVelocityField as AbstractVelocityField
 from ._fields import AnalyticField as AnalyticField
@@ -24,6 +31,7 @@ from ._instability import intrinsic_instability as intrinsic_instability
 from ._instability import jacobian as jacobian
 from ._instability import log_abs_det_jacobian as log_abs_det_jacobian
 from ._instability import singular_values as singular_values
+from ._lanes import LaneStats as LaneStats
 from ._laws import AbstractLaw as AbstractLaw
 from ._laws import Empirical as Empirical
 from ._laws import Gaussian as Gaussian

@@ -6,6 +6,8 @@ Paper 000 Lemma D.1 (an equality):
 `log |det J_G(z)| = log p_noise(z) - log p_gen(G(z)) = -int_0^1 div v(x_t, t) dt`.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,6 +355,22 @@ def invert_with_log_det(
     return _solve_with_divergence(field, x, t0, t1, key, divergence, name, throw, kwargs)
 
 
+def variational_rhs(field: AbstractVelocityField) -> Callable:
+    """`(t, (x, J)) -> (v(x, t), (dv/dx)(x, t) J)`: the PF-ODE with its variational
+    equation, whose solution from `J = I` is the flow map's Jacobian; one JVP per
+    column of `J`."""
+
+    def rhs(t, y):
+        x, jac = y
+        return jax.vmap(
+            lambda col: jax.jvp(lambda p: field.velocity_unchecked(p, t), (x,), (col,)),
+            in_axes=1,
+            out_axes=(None, 1),
+        )(jac)
+
+    return rhs
+
+
 def generate_with_jacobian(
     field: AbstractVelocityField, z: Float[ArrayLike, "..."], *, throw: bool = True, **solve_kwargs
 ) -> tuple[Float[Array, " n"], Float[Array, "n n"]] | Outcome:
@@ -377,18 +395,16 @@ def generate_with_jacobian(
     t1, t0 = _span(field, kwargs, name)
     z, ok = prepare(field, _point("z", z, name, field, throw), t1, t0, name)
 
-    def rhs(t, y):
-        x, jac = y
-        v, pushed = jax.vmap(
-            lambda col: jax.jvp(lambda p: field.velocity_unchecked(p, t), (x,), (col,)),
-            in_axes=1,
-            out_axes=(None, 1),
-        )(jac)
-        return v, pushed
-
     eye = jnp.eye(z.shape[0], dtype=z.dtype)
     singular = singular_end(field, t1, t0)
     y, result = solve_ode(
-        rhs, (z, eye), t1, t0, name=name, input_ok=ok, singular=singular, **kwargs
+        variational_rhs(field),
+        (z, eye),
+        t1,
+        t0,
+        name=name,
+        input_ok=ok,
+        singular=singular,
+        **kwargs,
     )
     return raise_or_outcome(y, result, name, throw, singular)

@@ -148,6 +148,13 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
                 "Give one or the other."
             )
         return diffrax.ConstantStepSize(), (t_end - t_start) / steps, steps
+    return adaptive_controller(solver, rtol, atol, dtype), None, None
+
+
+def adaptive_controller(solver, rtol, atol, dtype, norm=None) -> diffrax.PIDController:
+    """The step-size controller of an adaptive solve of points of `dtype`: the
+    tolerances checked, `default_tolerances` where not given; `norm` as
+    `diffrax.PIDController`'s (RMS by default)."""
     if not _is_adaptive(solver):
         raise ValueError(
             f"{type(solver).__name__} has no error estimate: give `steps=` for a "
@@ -156,7 +163,9 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
     d_rtol, d_atol = default_tolerances(dtype)
     rtol = d_rtol if rtol is None else _check_tolerance("rtol", rtol)
     atol = d_atol if atol is None else _check_tolerance("atol", atol)
-    return diffrax.PIDController(rtol=rtol, atol=atol), None, None
+    if norm is None:
+        return diffrax.PIDController(rtol=rtol, atol=atol)
+    return diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
 
 
 Direction = Literal["generate", "invert"]

@@ -61,6 +61,23 @@ for name, mesh in meshes.items():
     text = compiled.as_text()
     report[f"{name} devices"] = [n for n in (1, 2, 4) if f"num_partitions={n}" in text]
 report["eager"] = same(jf.batch_map(fn, zs, batch_size=2, mesh=meshes["flat"]))
+# the default mesh is every device; 11 points are 3 a device, padded as the one
+# device's last chunk of 3 is, so even joint steps see the same chunks
+for schedule in (jf.LaneRefill(lanes=3), jf.Chunks(lanes=3), jf.JointSteps(lanes=3)):
+    def run(zs, mesh):
+        return jf.batch_generate(field, zs, jacobian=True, schedule=schedule, mesh=mesh,
+                                 rtol=1e-8, atol=1e-8, throw=False, stats=True)
+    one, one_stats = jax.jit(lambda zs: run(zs, None))(zs)
+    compiled = jax.jit(lambda zs: run(zs, "auto")).lower(zs).compile()
+    out, stats = compiled(zs)
+    name = type(schedule).__name__
+    report[name] = [
+        all(np.allclose(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+            for a, b in zip(jax.tree.leaves(out.value), jax.tree.leaves(one.value))),
+        bool(np.array_equal(out.result._value, one.result._value)),
+        bool(np.array_equal(stats.steps, one_stats.steps)),
+        "num_partitions=4" in compiled.as_text(),
+    ]
 report["bad results"] = int((reference.result._value != 0).sum())
 print(json.dumps(report))
 """
@@ -89,6 +106,34 @@ def test_sharded_batch_equals_unsharded(tmp_path):
         assert report[name] == [True, True], name
     assert report["flat devices"] == [4] and report["2x2 devices"] == [4]
     assert report["two devices devices"] == [2]
+    for name in ("LaneRefill", "Chunks", "JointSteps"):
+        assert report[name] == [True, True, True, True], name
+
+
+def test_use_cpu_devices_spreads_batches_over_cores():
+    """`jf.use_cpu_devices` right after `import jax` makes one device per core
+    asked for, and the default `mesh='auto'` of batch_map and batch_generate then
+    runs an SPMD program over all of them, with the one-device values."""
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, numpy as np, jaxflow as jf\n"
+        "assert jf.use_cpu_devices(3) == 3 and jax.device_count() == 3\n"
+        "field = jf.AnalyticField(jf.data.fig3_mixture(), jf.RectifiedFlow())\n"
+        "zs = jax.random.normal(jax.random.PRNGKey(0), (8, 2))\n"
+        "f = jax.jit(lambda zs: jf.batch_generate(field, zs)).lower(zs).compile()\n"
+        "g = jax.jit(lambda zs: jf.batch_map(lambda z: jf.generate(field, z), zs))\n"
+        "assert 'num_partitions=3' in f.as_text()\n"
+        "one = jf.batch_generate(field, zs, mesh=None)\n"
+        "np.testing.assert_allclose(f(zs), one, rtol=1e-5, atol=1e-5)\n"
+        "np.testing.assert_allclose(g(zs), one, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_batch_map_mesh_checks():
