@@ -53,6 +53,11 @@ class AbstractSchedule(eqx.Module):
         """The error norm the step-size controller needs; `None` for diffrax's."""
         return None
 
+    def lane_cap(self, backend: str) -> int | None:
+        """The most lanes a device gets when `lanes` is `None`; `None` for
+        `jf.chunk_size`'s default."""
+        return None
+
 
 class LaneRefill(AbstractSchedule):
     """A lane whose point is done takes the next point: one loop over
@@ -79,8 +84,8 @@ class Chunks(AbstractSchedule):
 
 
 class JointSteps(AbstractSchedule):
-    """Chunks of `lanes` points that share every step, as torchdiffeq steps a
-    batch; the error norm is the largest per-point RMS norm, so every point meets
+    """Chunks of `lanes` points (by default at most 128 on CPU) that share every
+    step, as torchdiffeq steps a batch; the error norm is the largest per-point RMS norm, so every point meets
     its tolerance (torchdiffeq's RMS over the whole batch does not promise that).
     No lane idles, but every point takes the steps its hardest neighbour needs,
     and a chunk fails as a whole. It wins where points need similar steps and a
@@ -93,6 +98,12 @@ class JointSteps(AbstractSchedule):
 
     def norm(self):
         return max_point_rms
+
+    def lane_cap(self, backend):
+        # a shared step is as small as the chunk's hardest point needs: on CPU
+        # 128 lanes waste fewer steps than 256 and still fill the vector units
+        # (docs/batching.md)
+        return 128 if backend == "cpu" else None
 
 
 def _check_zs(field, zs, name):
@@ -186,7 +197,11 @@ def batch_generate(
     mesh = resolve_mesh(mesh, name)
     size = zs.shape[0]
     devices = 1 if mesh is None else mesh.devices.size
-    lanes = schedule.lanes if schedule.lanes is not None else chunk_size(size, devices)
+    if schedule.lanes is None:
+        backend = jax.default_backend()
+        lanes = chunk_size(size, devices, backend, schedule.lane_cap(backend))
+    else:
+        lanes = schedule.lanes
 
     ok = jnp.all(jnp.isfinite(zs), axis=1)
     for t in (t_noise, t_data):
