@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -48,19 +47,10 @@ from scipy.integrate import solve_ivp  # noqa: E402
 
 import jaxflow as jf  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import cpu_devices_flag, cpu_seconds, peak_gflops, xla_cost  # noqa: E402
 
-def _cpu_devices_flag() -> int:
-    # the CPU's device count is fixed when JAX starts: read the flag before anything
-    # runs (argparse sees it again later)
-    for i, arg in enumerate(sys.argv):
-        if arg == "--cpu-devices" and i + 1 < len(sys.argv):
-            return int(sys.argv[i + 1])
-        if arg.startswith("--cpu-devices="):
-            return int(arg.split("=", 1)[1])
-    return os.cpu_count() or 1
-
-
-CPU_DEVICES = jf.use_cpu_devices(_cpu_devices_flag())
+CPU_DEVICES = jf.use_cpu_devices(cpu_devices_flag())
 
 RTOL, ATOL = 1e-6, 1e-8
 REF_TOL = 1e-12
@@ -144,11 +134,6 @@ def scipy_point(v, z, rtol, atol, h=1e-6):
     return x, jac
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed(fn, *args, repeats=3):
     """Best wall time of `repeats` calls, the cores busy over them (process CPU
     time / wall time) and the last output."""
@@ -174,25 +159,8 @@ def accuracy(x, jac, x_ref, j_ref):
 
 
 def _flops(fn, *args):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0]
+    cost = xla_cost(fn, *args)
     return float(cost["flops"]), float(cost.get("transcendentals", 0.0))
-
-
-def peak_gflops(dtype, size=2048, repeats=5):
-    """Best GFLOP/s of a `size x size` matmul (2 size^3 flops) in `dtype`."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, b))
-    best = min(
-        (lambda t0: (jax.block_until_ready(dot(a, b)), time.perf_counter() - t0)[1])(
-            time.perf_counter()
-        )
-        for _ in range(repeats)
-    )
-    return 2 * size**3 / best / 1e9
 
 
 def flop_limit(field, zs, rtol, atol):
