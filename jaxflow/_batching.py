@@ -55,9 +55,7 @@ def use_cpu_devices(count: int | np.integer | None = None) -> int:
     return count
 
 
-def chunk_size(
-    size: int, devices: int, backend: str | None = None, cap: int | None = None
-) -> int:
+def chunk_size(size: int, devices: int, backend: str | None = None, cap: int | None = None) -> int:
     """Points per chunk for `size` points over `devices` devices: each device's
     share in chunks of at most `cap` (default 256 on CPU, 4096 on an accelerator),
     made equal so that no chunk is mostly padding."""
