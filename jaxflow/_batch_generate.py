@@ -176,6 +176,10 @@ def batch_generate(
     `(N, n, n)`; with `throw=False` an `Outcome` holding it; with `stats=True` a
     pair `(that, LaneStats)`.
 
+    Forward-mode derivatives (`jax.jvp`, `jax.jacfwd`) go through every schedule,
+    as through `jf.generate`; for `jax.grad`, batch `jf.generate` with
+    `jf.batch_map` and a reverse-mode adjoint.
+
     **Raises:** `ValueError` for bad settings or points of the wrong shape; under
     `jit`, `eqx.error_if` naming the cause when a point's solve fails.
     """
@@ -244,7 +248,10 @@ def batch_generate(
         start_ok = jax.vmap(lambda y: all_finite(f(s0, y)))(y0s)
         return ys, codes, start_ok, lane_stats.steps, lane_stats.lane_steps[None]
 
-    if mesh is None or size == 0:
+    if size == 0:  # as jax.vmap: empty outputs of the right shapes
+        ys, codes, start_ok = y0s, jnp.zeros(0, jnp.int32), jnp.zeros(0, bool)
+        steps, lane_steps = jnp.zeros(0, jnp.int32), jnp.zeros(1, jnp.int32)
+    elif mesh is None:
         ys, codes, start_ok, steps, lane_steps = block(y0s)
     else:
         ys, codes, start_ok, steps, lane_steps = shard_blocks(block, y0s, mesh, size)

@@ -50,6 +50,15 @@ class LaneStats(eqx.Module):
 FIRST_STEP = 0.01
 
 
+def forward_differentiable(solver):
+    """`solver` with its stages in a plain `lax` loop, as `diffrax.ForwardMode`
+    sets it: a Runge-Kutta solver's default checkpointed loop is a `custom_vjp`,
+    which `jax.jvp` cannot enter."""
+    if isinstance(solver, diffrax.AbstractRungeKutta) and solver.scan_kind is None:
+        return eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None)
+    return solver
+
+
 def _clip_floor(t1):
     # diffrax rounds a step ending within 100 ulps of t1 onto t1, so that no step
     # is left too short to be stable; the same here keeps results equal to its.
@@ -100,6 +109,7 @@ def refill_solve(
     successful = RESULTS.successful._value
     max_steps_reached = RESULTS.promote(diffrax.RESULTS.max_steps_reached)._value
     term = diffrax.ODETerm(lambda t, y, args: f(t, y))
+    solver = forward_differentiable(solver)
     error_order = solver.error_order(term)
     floor = _clip_floor(t1)
 
@@ -217,6 +227,7 @@ def _diffeqsolve(f, y0, t0, t1, solver, controller, max_steps):
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,
         max_steps=max_steps,
+        adjoint=diffrax.ForwardMode(),
         throw=False,
     )
     y = jax.tree_util.tree_map(lambda a: a[0], sol.ys)

@@ -161,6 +161,18 @@ def test_failures_are_per_point_and_throw_names_them():
     assert np.isnan(value[2]).all() and np.isfinite(value[[0, 1, 3]]).all()
 
 
+def test_empty_batch_and_forward_derivative():
+    """No points give empty outputs of the right shapes, as `jax.vmap` does; a JVP
+    through lane refill is the JVP through the lone solves."""
+    field = fig3_field()
+    x, jac = jf.batch_generate(field, jnp.zeros((0, 2)), jacobian=True)
+    assert x.shape == (0, 2) and jac.shape == (0, 2, 2)
+    zs, dz = points(5, seed=4), points(5, seed=7)
+    _, tangent = jax.jvp(lambda zs: jf.batch_generate(field, zs, **TOL), (zs,), (dz,))
+    _, want = jax.jvp(jax.vmap(lambda z: jf.generate(field, z, **TOL)), (zs,), (dz,))
+    np.testing.assert_allclose(tangent, want, rtol=1e-10, atol=1e-12)
+
+
 def test_batch_generate_checks_its_arguments():
     field = fig3_field()
     zs = points(4)
