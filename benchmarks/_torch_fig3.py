@@ -48,9 +48,11 @@ _B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 
 _E = tuple(b5 - b4 for b5, b4 in zip(_B5, _B4, strict=True))
 
 
-def setup() -> dict:
-    """All cores for torch's intra-op threads; the versions for the JSON."""
+def setup(device: str = "cpu") -> dict:
+    """All cores for torch's intra-op threads, every tensor on `device` ('cpu' or
+    'cuda'); the versions for the JSON."""
     torch.set_num_threads(os.cpu_count())
+    torch.set_default_device(device)
     # cold compiles, as a first run sees them (and as jax's, which has no cache here)
     torch._inductor.config.fx_graph_cache = False
     torch._inductor.config.autotune_local_cache = False
@@ -58,6 +60,7 @@ def setup() -> dict:
         torch_version=torch.__version__,
         torchdiffeq_version=getattr(torchdiffeq, "__version__", "?"),
         threads=torch.get_num_threads(),
+        device=str(torch.get_default_device()),
     )
 
 
@@ -318,13 +321,20 @@ def timed(fn, z, repeats, cpu_seconds, long_s=10.0):
     """First call (compile included), then the best of up to `repeats` calls (one
     when a call takes over `long_s` seconds), the cores busy over them (process CPU
     time / wall time) and the number of timed calls."""
+
+    def run():
+        out = fn(z)
+        if z.is_cuda:  # the GPU runs asynchronously: time the work, not the launch
+            torch.cuda.synchronize()
+        return out
+
     t0 = time.perf_counter()
-    out = fn(z)
+    out = run()
     first_s = time.perf_counter() - t0
     best, wall, calls, cpu0 = np.inf, 0.0, 0, cpu_seconds()
     while calls < repeats and (calls == 0 or best <= long_s):
         t0 = time.perf_counter()
-        out = fn(z)
+        out = run()
         dt = time.perf_counter() - t0
         best, wall, calls = min(best, dt), wall + dt, calls + 1
     return out, first_s, best, (cpu_seconds() - cpu0) / wall, calls

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# benchmarks/large_models.py on a lent GPU machine (one H100 or H200), as one
-# prepared script: about 9 minutes, results and logs under $OUT. From the
-# repository root:
+# The GPU checks on a lent GPU machine (one H100 or H200), as one prepared
+# script: the benchmarks and the test suite (PARTS below), results and logs under
+# $OUT. From the repository root:
 #
 #   bash benchmarks/gpu_run.sh
 #
@@ -14,16 +14,25 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#       diffusers==0.42.1 importlib_metadata
+#       diffusers==0.42.1 importlib_metadata torchdiffeq==0.2.5 \
+#       pytest pluggy iniconfig hypothesis sortedcontainers attrs beartype
 #
 # (add transformers and safetensors wheels there too for other versions than the
 # image's). WHEELS=folder overrides the folder, MODELS the bfloat16 run's models.
+# PARTS picks what runs (comma-separated; all three take about 15 minutes, the
+# whole of a session's device time, so pick):
+#   models  benchmarks/large_models.py (about 9 minutes)
+#   grid    benchmarks/instability_grid.py: paper 000's Fig. 3 workload, jaxflow and
+#           PyTorch/torchdiffeq on the same GPU (issue 16; about 2 minutes)
+#   suite   the test suite on the GPU (issue 16: TF32 and float32 identities),
+#           stopped after 4 minutes with what ran so far
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 WHEELS=${WHEELS:-.whl}
 MODELS=${MODELS:-sd35-medium,flux-dev,sd35-large}
 PY=${PY:-python3}
+PARTS=${PARTS:-models,grid,suite}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
@@ -46,6 +55,7 @@ print('torch', torch.__version__, torch.cuda.get_device_name()); print('diffuser
 } 2>&1 | tee "$OUT/environment.txt"
 "$PY" -c "import diffusers, jaxflow.diffusers" || exit 1
 
+if [[ ",$PARTS," == *",models,"* ]]; then
 # bfloat16, both sizes, the three models: each (model, framework) one worker
 # process (sizes ascending inside it); the budget bounds the whole run, and the
 # JSON is rewritten after every worker, so a cut run keeps what it measured
@@ -64,3 +74,22 @@ print('torch', torch.__version__, torch.cuda.get_device_name()); print('diffuser
 "$PY" benchmarks/large_models.py --models sd35-medium --sizes 512 --dtypes float32 \
     --repeats 3 --timeout 80 --budget 80 --out "$OUT/large_models_float32.json" 2>&1 |
     tee "$OUT/large_models_float32.log"
+fi
+
+if [[ ",$PARTS," == *",grid,"* ]]; then
+    # jaxflow's routes on JAX's default device (the GPU), PyTorch's on cuda; scipy
+    # on 20 points only (it is the CPU baseline, measured on the CPU machine)
+    "$PY" benchmarks/instability_grid.py --scipy-points 20 --json "$OUT/instability_grid.json" \
+        2>&1 | tee "$OUT/instability_grid.log"
+    "$PY" benchmarks/instability_grid.py --dtype float32 --scipy-points 0 \
+        --json "$OUT/instability_grid_float32.json" 2>&1 | tee "$OUT/instability_grid_float32.log"
+fi
+
+if [[ ",$PARTS," == *",suite,"* ]]; then
+    # the whole suite on the GPU, one process (xdist would put every worker on the
+    # one device), every failure listed (no -x); the junit file is written as far as
+    # it got when the time runs out. Needs pytest, hypothesis and beartype wheels in
+    # $WHEELS besides the image's packages.
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests \
+        --junitxml="$OUT/suite.xml" 2>&1 | tee "$OUT/suite.log"
+fi

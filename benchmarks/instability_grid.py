@@ -13,7 +13,9 @@ for every route, on the whole `(N, 2)` grid:
   torchdiffeq is missing): torchdiffeq dopri5 of the variational equation and of G
   alone (compiled or eager right-hand side, batch-joint or per-point error norm)
   and a hand-written whole-batch Dopri5 with a step size per point, its whole step
-  `torch.compile`d. `--no-compile` runs them eagerly (for the smoke test).
+  `torch.compile`d. `--no-compile` runs them eagerly (for the smoke test). On a
+  machine with a GPU both libraries run there (`--torch-device`; jaxflow on JAX's
+  default device): `benchmarks/gpu_run.sh` with `PARTS=grid`.
 - scipy: a Python loop of `solve_ivp(method="RK45")` with forward finite
   differences for the Jacobian, timed on `--scipy-points` points and extrapolated.
 
@@ -266,7 +268,8 @@ def run_torch_routes(args, field, zs_np, ref_idx, x_ref, j_ref, filters, results
         sys.path.insert(0, here)
     import _torch_fig3 as tf
 
-    info = tf.setup()
+    device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = tf.setup(device)
     info.update(available=True, torch_compile=not args.no_compile)
     tdtype = dict(float64=torch.float64, float32=torch.float32)[args.dtype]
     law = field.law
@@ -291,8 +294,8 @@ def run_torch_routes(args, field, zs_np, ref_idx, x_ref, j_ref, filters, results
                 torch_compile=not args.no_compile and "eager" not in name,
                 **counters(),
             )
-            x = x.numpy()[ref_idx]
-            jac = None if jac is None else jac.numpy()[ref_idx]
+            x = x.cpu().numpy()[ref_idx]
+            jac = None if jac is None else jac.cpu().numpy()[ref_idx]
             r.update(accuracy(x, jac, x_ref, j_ref))
             results[name] = r
             print_route(name, r)
@@ -350,6 +353,12 @@ def main():
     parser.add_argument("--ref-points", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="PyTorch routes run eagerly")
+    parser.add_argument(
+        "--torch-device",
+        default=None,
+        help="'cpu' or 'cuda'; default cuda where torch sees a GPU (then jaxflow's "
+        "routes run on JAX's default device, the GPU, too)",
+    )
     parser.add_argument("--no-limit", action="store_true", help="skip the flop limit")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument(
