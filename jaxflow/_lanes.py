@@ -53,7 +53,8 @@ FIRST_STEP = 0.01
 def forward_differentiable(solver):
     """`solver` with its stages in a plain `lax` loop, as `diffrax.ForwardMode`
     sets it: a Runge-Kutta solver's default checkpointed loop is a `custom_vjp`,
-    which `jax.jvp` cannot enter."""
+    which `jax.jvp` cannot enter. On XLA:CPU that loop is the faster one (1.3-1.45x
+    on paper 000's Fig. 3 grid), so it is kept unless derivatives are asked for."""
     if isinstance(solver, diffrax.AbstractRungeKutta) and solver.scan_kind is None:
         return eqx.tree_at(lambda s: s.scan_kind, solver, "lax", is_leaf=lambda x: x is None)
     return solver
@@ -96,12 +97,14 @@ def refill_solve(
     controller: diffrax.AbstractStepSizeController,
     max_steps: int,
     lanes: int,
+    forward: bool = False,
 ) -> tuple[PyTree[Array], Int[Array, " N"], LaneStats]:
     """Solve `dy/dt = f(t, y)` from `t0` to `t1 > t0` for every point of `y0s`
     (leading axis `N`) on `lanes` lanes that take the next point as they finish.
 
     Returns the final states, each point's `RESULTS` code (its `_value`) and the
-    `LaneStats`."""
+    `LaneStats`. `forward=True` lets `jax.jvp` through (slower: see
+    `forward_differentiable`)."""
     size = jax.tree_util.tree_leaves(y0s)[0].shape[0]
     lanes = max(1, min(lanes, size))
     # result codes as plain integers: the loop works on a whole batch of them, and
@@ -109,7 +112,8 @@ def refill_solve(
     successful = RESULTS.successful._value
     max_steps_reached = RESULTS.promote(diffrax.RESULTS.max_steps_reached)._value
     term = diffrax.ODETerm(lambda t, y, args: f(t, y))
-    solver = forward_differentiable(solver)
+    if forward:
+        solver = forward_differentiable(solver)
     error_order = solver.error_order(term)
     floor = _clip_floor(t1)
 
@@ -216,7 +220,7 @@ def _flatten(tree, size):
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:])[:size], tree)
 
 
-def _diffeqsolve(f, y0, t0, t1, solver, controller, max_steps):
+def _diffeqsolve(f, y0, t0, t1, solver, controller, max_steps, forward):
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: f(t, y)),
         solver,
@@ -227,21 +231,23 @@ def _diffeqsolve(f, y0, t0, t1, solver, controller, max_steps):
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,
         max_steps=max_steps,
-        adjoint=diffrax.ForwardMode(),
+        adjoint=diffrax.ForwardMode() if forward else diffrax.RecursiveCheckpointAdjoint(),
         throw=False,
     )
     y = jax.tree_util.tree_map(lambda a: a[0], sol.ys)
     return y, RESULTS.promote(sol.result)._value, sol.stats["num_steps"].astype(jnp.int32)
 
 
-def chunked_solve(f, y0s, *, t0, t1, solver, controller, max_steps, lanes):
+def chunked_solve(f, y0s, *, t0, t1, solver, controller, max_steps, lanes, forward=False):
     """As `refill_solve`, in chunks of `lanes` points, each a `vmap` of
     `diffrax.diffeqsolve` that runs until its slowest point is done."""
     size = jax.tree_util.tree_leaves(y0s)[0].shape[0]
     lanes = max(1, min(lanes, size))
 
     def chunk(ys):
-        return jax.vmap(lambda y: _diffeqsolve(f, y, t0, t1, solver, controller, max_steps))(ys)
+        return jax.vmap(
+            lambda y: _diffeqsolve(f, y, t0, t1, solver, controller, max_steps, forward)
+        )(ys)
 
     ys, codes, steps = jax.lax.map(chunk, _in_chunks(y0s, size, lanes))
     lane_steps = lanes * jnp.sum(jnp.max(steps, axis=1))
@@ -260,7 +266,7 @@ def max_point_rms(lane_axis_tree) -> Array:
     return jnp.sqrt(jnp.max(squares) / count)
 
 
-def joint_solve(f, y0s, *, t0, t1, solver, controller, max_steps, lanes):
+def joint_solve(f, y0s, *, t0, t1, solver, controller, max_steps, lanes, forward=False):
     """As `refill_solve`, in chunks of `lanes` points that share their steps:
     one `diffrax.diffeqsolve` of the stacked chunk whose error norm is
     `max_point_rms` (`controller` must carry it). A chunk fails or succeeds as a
@@ -270,7 +276,7 @@ def joint_solve(f, y0s, *, t0, t1, solver, controller, max_steps, lanes):
 
     def chunk(ys):
         y, code, steps = _diffeqsolve(
-            jax.vmap(f, in_axes=(None, 0)), ys, t0, t1, solver, controller, max_steps
+            jax.vmap(f, in_axes=(None, 0)), ys, t0, t1, solver, controller, max_steps, forward
         )
         return y, jnp.full(lanes, code), jnp.full(lanes, steps)
 

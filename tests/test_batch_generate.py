@@ -162,15 +162,24 @@ def test_failures_are_per_point_and_throw_names_them():
 
 
 def test_empty_batch_and_forward_derivative():
-    """No points give empty outputs of the right shapes, as `jax.vmap` does; a JVP
-    through lane refill is the JVP through the lone solves."""
+    """No points give empty outputs of the right shapes, as `jax.vmap` does; with
+    `adjoint=ForwardMode()` a JVP through refill and chunks is the JVP through the
+    lone solves (joint steps take other steps: close)."""
     field = fig3_field()
     x, jac = jf.batch_generate(field, jnp.zeros((0, 2)), jacobian=True)
     assert x.shape == (0, 2) and jac.shape == (0, 2, 2)
     zs, dz = points(5, seed=4), points(5, seed=7)
-    _, tangent = jax.jvp(lambda zs: jf.batch_generate(field, zs, **TOL), (zs,), (dz,))
     _, want = jax.jvp(jax.vmap(lambda z: jf.generate(field, z, **TOL)), (zs,), (dz,))
-    np.testing.assert_allclose(tangent, want, rtol=1e-10, atol=1e-12)
+    for schedule in (jf.LaneRefill(), jf.Chunks(), jf.JointSteps()):
+
+        def run(zs, schedule=schedule):
+            return jf.batch_generate(
+                field, zs, schedule=schedule, adjoint=diffrax.ForwardMode(), **TOL
+            )
+
+        _, tangent = jax.jvp(run, (zs,), (dz,))
+        tol = 1e-5 if isinstance(schedule, jf.JointSteps) else 1e-10  # other steps
+        np.testing.assert_allclose(tangent, want, rtol=tol, atol=tol)
 
 
 def test_batch_generate_checks_its_arguments():
@@ -184,6 +193,7 @@ def test_batch_generate_checks_its_arguments():
         (dict(mesh="gpu"), "mesh"),
         (dict(max_steps=None), "max_steps"),
         (dict(rtol=-1.0), "rtol"),
+        (dict(adjoint=diffrax.RecursiveCheckpointAdjoint()), "ForwardMode"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
