@@ -216,29 +216,25 @@ def flop_limit(field, zs, rtol, atol):
     # fixed 0.01 and its initial step-size search (2 more) never runs
     evals_var, evals_v = 6 * steps_var + 1, 6 * steps_v + 1
     peak = peak_gflops(dtype)
+
+    def part(flops, transcendentals, steps, evals):
+        flops_per_point = flops * float(np.mean(evals))
+        return dict(
+            flops_per_eval=flops,
+            transcendentals_per_eval=transcendentals,
+            steps_median=float(np.median(steps)),
+            steps_mean=float(np.mean(steps)),
+            steps_max=int(np.max(steps)),
+            evals_mean=float(np.mean(evals)),
+            flops_per_point=flops_per_point,
+            limit_points_per_s=peak * 1e9 / flops_per_point,
+        )
+
     out = dict(
         peak_gflops=peak,
-        variational=dict(
-            flops_per_eval=flops_var,
-            transcendentals_per_eval=trans_var,
-            steps_median=float(np.median(steps_var)),
-            steps_mean=float(np.mean(steps_var)),
-            steps_max=int(np.max(steps_var)),
-            evals_mean=float(np.mean(evals_var)),
-        ),
-        velocity=dict(
-            flops_per_eval=flops_v,
-            transcendentals_per_eval=trans_v,
-            steps_median=float(np.median(steps_v)),
-            steps_mean=float(np.mean(steps_v)),
-            steps_max=int(np.max(steps_v)),
-            evals_mean=float(np.mean(evals_v)),
-        ),
+        variational=part(flops_var, trans_var, steps_var, evals_var),
+        velocity=part(flops_v, trans_v, steps_v, evals_v),
     )
-    for part in ("variational", "velocity"):
-        d = out[part]
-        d["flops_per_point"] = d["flops_per_eval"] * d["evals_mean"]
-        d["limit_points_per_s"] = peak * 1e9 / d["flops_per_point"]
     return out
 
 

@@ -180,6 +180,13 @@ def xla_flops(fn, *args) -> float:
     return float(xla_cost(fn, *args).get("flops", 0.0))
 
 
+def times_limit(routes, limit):
+    """Each timed route's run time as a multiple of the flop limit's."""
+    for r in routes.values():
+        if "run_s" in r:
+            r["x_flop_limit"] = r["run_s"] / limit["limit_s"]
+
+
 def lapack_qr_flops(n: int) -> float:
     """LAPACK's flop count of an n x n QR with the explicit Q: dgeqrf (4/3 n^3)
     and dorgqr (4/3 n^3). XLA's cost analysis counts these custom calls as 0."""
@@ -412,9 +419,7 @@ def lorenz_workload(args, peak, tl):
             "(transient steps included)."
         ),
     )
-    for r in routes.values():
-        if "run_s" in r:
-            r["x_flop_limit"] = r["run_s"] / limit["limit_s"]
+    times_limit(routes, limit)
     out = dict(
         ics=args.ics,
         steps=steps,
@@ -550,9 +555,7 @@ def moons_workload(args, peak, tl):
             "a flop); plus LAPACK's 8/3 n^3 for the QR. Times steps x paths."
         ),
     )
-    for r in routes.values():
-        if "run_s" in r:
-            r["x_flop_limit"] = r["run_s"] / limit["limit_s"]
+    times_limit(routes, limit)
     gap = routes["numpy_batched_fd"]["vs_jaxflow_per_path_max"]
     out = dict(
         paths=args.paths,

@@ -20,6 +20,7 @@ from ._results import RESULTS, Outcome, all_finite, classify, mask_failed
 from ._solve import (
     DEFAULT_MAX_STEPS,
     adaptive_controller,
+    cast_like,
     check_max_steps,
     concrete_time,
     get_solver,
@@ -232,14 +233,11 @@ def batch_generate(
         y0s = (y0s, jnp.broadcast_to(jnp.eye(zs.shape[1], dtype=dtype), (size,) + 2 * zs.shape[1:]))
     rhs = variational_rhs(field) if jacobian else lambda t, x: field.velocity_unchecked(x, t)
 
-    def cast(tree, like):
-        return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
-
     # generation runs from t_noise down to t_data; in s = -t the schedules step
     # forwards, as diffrax does with any backward span
     def f(s, y):
         y_compute = jax.tree_util.tree_map(lambda a: a.astype(zs.dtype), y)
-        return jax.tree_util.tree_map(lambda a: -a, cast(rhs(-s, y_compute), y))
+        return jax.tree_util.tree_map(lambda a: -a, cast_like(rhs(-s, y_compute), y))
 
     s0 = -jnp.asarray(t_noise, dtype)
     s1 = -jnp.asarray(t_data, dtype)

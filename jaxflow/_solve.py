@@ -196,7 +196,7 @@ def singular_end(field: AbstractVelocityField, t_start, t_end) -> str | None:
     return None
 
 
-def _cast(tree, like):
+def cast_like(tree, like):
     """`tree` leaf by leaf in the dtypes of `like`'s leaves."""
     return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
 
@@ -253,7 +253,7 @@ def solve_ode(
     dt0 = None if dt0 is None else jnp.asarray(dt0, dtype)
 
     def term(t, y, args):
-        return _cast(vector_field(t, _cast(y, compute)), y0)
+        return cast_like(vector_field(t, cast_like(y, compute)), y0)
 
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(term),
@@ -269,7 +269,7 @@ def solve_ode(
         progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
         throw=False,
     )
-    y = _cast(jax.tree_util.tree_map(lambda a: a[0], sol.ys), compute)
+    y = cast_like(jax.tree_util.tree_map(lambda a: a[0], sol.ys), compute)
     result = classify(y, RESULTS.promote(sol.result), input_ok)
     failed = (result != RESULTS.successful) & (result != RESULTS.invalid_input)
     if singular is not None:
