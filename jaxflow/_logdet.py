@@ -146,18 +146,18 @@ def log_det_generation(
     return out[1] if throw else Outcome(value=out.value[1], result=out.result)
 
 
+def _divergence_rhs(field, key, method, t, y):
+    x, _ = y
+    return field.velocity_unchecked(x, t), divergence(field, x, t, key, method)
+
+
 def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwargs):
     # d/dt log|det dx_t/dx_start| = div v(x_t, t) (paper 000 eq. A29), integrated from 0.
     y0, ok = prepare(field, y0, start, end, name)
     singular = singular_end(field, start, end)
 
-    def rhs(t, y):
-        x, _ = y
-        v = field.velocity_unchecked(x, t)
-        return v, divergence(field, x, t, key, method)
-
     y, result = solve_ode(
-        rhs,
+        jax.tree_util.Partial(_divergence_rhs, field, key, method),
         (y0, jnp.zeros((), y0.dtype)),
         start,
         end,
@@ -167,6 +167,20 @@ def _solve_with_divergence(field, y0, start, end, key, method, name, throw, kwar
         **kwargs,
     )
     return raise_or_outcome(y, result, name, throw, singular)
+
+
+def _estimate_rhs(field, s, g, t, y):
+    # the PF-ODE with Hutchinson's (s is None) or Hutch++'s terms of div v
+    x = y[0]
+    v, jvp = jax.linearize(lambda p: field.velocity_unchecked(p, t), x)
+
+    def matvec(u):  # in the state's dtype (a float64 law under a float32 state)
+        return jvp(u).astype(x.dtype)
+
+    if s is None:
+        return v, jnp.zeros((), x.dtype), hutchinson_terms(matvec, g.astype(x.dtype))
+    exact, terms = hutchpp_terms(matvec, s.astype(x.dtype), g.astype(x.dtype))
+    return v, exact, terms
 
 
 def log_det_estimate(
@@ -270,20 +284,9 @@ def log_det_estimate(
     g = rademacher(probe_key, (m, n), z.dtype)
     s = gaussian(sketch_key, (k, n), z.dtype) if method == "hutch++" else None
 
-    def rhs(t, y):
-        x = y[0]
-        v, jvp = jax.linearize(lambda p: field.velocity_unchecked(p, t), x)
-
-        def matvec(u):  # in the state's dtype (a float64 law under a float32 state)
-            return jvp(u).astype(x.dtype)
-
-        if s is None:
-            return v, jnp.zeros((), x.dtype), hutchinson_terms(matvec, g.astype(x.dtype))
-        exact, terms = hutchpp_terms(matvec, s.astype(x.dtype), g.astype(x.dtype))
-        return v, exact, terms
-
     singular = singular_end(field, start, end)
     y0 = (z, jnp.zeros((), z.dtype), jnp.zeros((m,), z.dtype))
+    rhs = jax.tree_util.Partial(_estimate_rhs, field, s, g)
     y, result = solve_ode(rhs, y0, start, end, name=name, input_ok=ok, singular=singular, **kwargs)
     _, exact, terms = y
     mean, stderr = mean_and_stderr(terms)
@@ -358,17 +361,17 @@ def invert_with_log_det(
 def variational_rhs(field: AbstractVelocityField) -> Callable:
     """`(t, (x, J)) -> (v(x, t), (dv/dx)(x, t) J)`: the PF-ODE with its variational
     equation, whose solution from `J = I` is the flow map's Jacobian; one JVP per
-    column of `J`."""
+    column of `J`. A pytree, not a closure, as `solve_ode` asks."""
+    return jax.tree_util.Partial(_variational_rhs, field)
 
-    def rhs(t, y):
-        x, jac = y
-        return jax.vmap(
-            lambda col: jax.jvp(lambda p: field.velocity_unchecked(p, t), (x,), (col,)),
-            in_axes=1,
-            out_axes=(None, 1),
-        )(jac)
 
-    return rhs
+def _variational_rhs(field, t, y):
+    x, jac = y
+    return jax.vmap(
+        lambda col: jax.jvp(lambda p: field.velocity_unchecked(p, t), (x,), (col,)),
+        in_axes=1,
+        out_axes=(None, 1),
+    )(jac)
 
 
 def generate_with_jacobian(

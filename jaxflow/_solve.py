@@ -201,6 +201,22 @@ def cast_like(tree, like):
     return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
 
 
+def _term_in_state_dtypes(vector_field, compute, y0, t, y, args):
+    return cast_like(vector_field(t, cast_like(y, compute)), y0)
+
+
+def _velocity(field, t, y):
+    return field.velocity_unchecked(y, t)
+
+
+def velocity_term(field: AbstractVelocityField) -> jax.tree_util.Partial:
+    """`(t, y) -> v(y, t)` as a pytree (`jax.tree_util.Partial` of a module-level
+    function), not a closure: `diffrax.diffeqsolve` is an `eqx.filter_jit`, which
+    keys its cache on the static part of its arguments, and a new closure each
+    call made every eager solve trace and compile again (about a second each)."""
+    return jax.tree_util.Partial(_velocity, field)
+
+
 def solve_ode(
     vector_field,
     y0,
@@ -231,7 +247,10 @@ def solve_ode(
 
     dtypes (docs/api/solving.md): `y(t_end)` has `y0`'s dtypes; the state, the
     times and the error control are in `state_dtype` (float32 or wider), and
-    `vector_field` sees the state in `y0`'s dtypes and may answer in any.
+    `vector_field` sees the state in `y0`'s dtypes and may answer in any. Pass
+    it as a pytree (`velocity_term`, or a `jax.tree_util.Partial` of a
+    module-level function), not a closure, so that an eager solve reuses the
+    program compiled for the same shapes.
     """
     solver = get_solver(solver)
     max_steps = check_max_steps(max_steps)
@@ -252,9 +271,7 @@ def solve_ode(
     t_end = jnp.asarray(t_end, dtype)
     dt0 = None if dt0 is None else jnp.asarray(dt0, dtype)
 
-    def term(t, y, args):
-        return cast_like(vector_field(t, cast_like(y, compute)), y0)
-
+    term = jax.tree_util.Partial(_term_in_state_dtypes, vector_field, compute, y0)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(term),
         solver,
@@ -398,7 +415,7 @@ def _pf_ode(
     y, ok = prepare(field, y, start, end, direction)
     singular = singular_end(field, start, end)
     y, result = solve_ode(
-        lambda t, y: field.velocity_unchecked(y, t),
+        velocity_term(field),
         y,
         start,
         end,
