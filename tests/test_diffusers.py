@@ -56,6 +56,30 @@ def flux(tmp_path_factory):
     return pipe, folder, jfd.load(folder, prompt_cache=None)
 
 
+def grid(model, steps, **size) -> tuple:
+    """`model.times(steps)` as a tuple of floats: a static argument of `_solve`, so
+    that tests on the same grid share one compiled solve."""
+    return tuple(np.asarray(model.times(steps, **size)).tolist())
+
+
+@eqx.filter_jit
+def _solve(field, z, times, solver="euler"):
+    """`jf.generate` on the grid `times` (a tuple), the field an argument: one
+    compiled program per field structure, grid and solver for the whole module
+    (an eager `jf.generate` traces and compiles again at each call)."""
+    return jf.generate(field, z, solver=solver, times=np.asarray(times))
+
+
+@eqx.filter_jit
+def _invert(field, x, times):
+    return jf.invert(field, x, solver="euler", times=np.asarray(times))
+
+
+@eqx.filter_jit
+def _velocity(field, z):
+    return field.velocity(z, 0.5)
+
+
 def latents(height, width, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (1, 16, height // 8, width // 8)
@@ -87,9 +111,8 @@ def test_load_bfloat16(sd3):
     dtypes = {x.dtype for x in jax.tree.leaves(eqx.filter(half.transformer, eqx.is_inexact_array))}
     assert jnp.dtype(jnp.bfloat16) in dtypes
     z = jnp.asarray(latents(SIZE, SIZE).numpy().reshape(-1))
-    velocity = eqx.filter_jit(lambda field, z: field.velocity(z, 0.5))
-    f32 = velocity(model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
-    bf16 = velocity(half.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
+    f32 = _velocity(model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
+    bf16 = _velocity(half.field(height=SIZE, width=SIZE, max_sequence_length=SEQ), z)
     assert bf16.dtype == z.dtype
     assert rel(bf16, f32) < 5e-2
 
@@ -215,9 +238,10 @@ def _pipeline_latents(pipe, steps, z, **kwargs):
 def test_sd3_euler_equals_the_pipeline(sd3):
     pipe, _, model = sd3
     z = latents(SIZE, SIZE, seed=1)
-    ref = _pipeline_latents(pipe, 6, z.clone(), prompt="", max_sequence_length=SEQ)
+    # 16 steps: the grid of test_reconstruction_error_falls_with_steps, one compile
+    ref = _pipeline_latents(pipe, 16, z.clone(), prompt="", max_sequence_length=SEQ)
     field = model.field("", height=SIZE, width=SIZE, max_sequence_length=SEQ)
-    x = jf.generate(field, jnp.asarray(z.numpy().reshape(-1)), solver="euler", times=model.times(6))
+    x = _solve(field, jnp.asarray(z.numpy().reshape(-1)), grid(model, 16))
     assert rel(x, ref.numpy().reshape(-1)) < 1e-5
 
 
@@ -228,7 +252,7 @@ def test_sd3_guidance_equals_the_pipeline(sd3):
     ref = _pipeline_latents(pipe, 4, z.clone(), max_sequence_length=SEQ, **kwargs)
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ, **kwargs)
     assert field.network.guidance_scale is not None  # two passes
-    x = jf.generate(field, jnp.asarray(z.numpy().reshape(-1)), solver="euler", times=model.times(4))
+    x = _solve(field, jnp.asarray(z.numpy().reshape(-1)), grid(model, 4))
     assert rel(x, ref.numpy().reshape(-1)) < 1e-5
     # the null prompt against its own negative: guidance changes nothing, one pass
     null = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
@@ -246,11 +270,11 @@ def test_sd3_heun_equals_the_pipelines_heun_scheduler(sd3):
     ref = _pipeline_latents(heun, 5, z.clone(), prompt="", max_sequence_length=SEQ)
     field = model.field("", height=SIZE, width=SIZE, max_sequence_length=SEQ)
     z = jnp.asarray(z.numpy().reshape(-1))
-    times = model.times(5)
-    x = jf.generate(field, z, solver=jfd.FlowMatchHeun(), times=times)
+    times = grid(model, 5)
+    x = _solve(field, z, times, jfd.FlowMatchHeun())
     assert rel(x, ref.numpy().reshape(-1)) < 1e-5
     # diffrax's Heun takes a second stage on the last step too: not the scheduler
-    assert rel(jf.generate(field, z, solver="heun", times=times), ref.numpy().reshape(-1)) > 1e-4
+    assert rel(_solve(field, z, times, "heun"), ref.numpy().reshape(-1)) > 1e-4
 
 
 @pytest.mark.parametrize("size", [(128, 128), (128, 192)])
@@ -275,8 +299,8 @@ def test_flux_euler_equals_the_pipeline(flux, size):
     field = model.field(
         "a red cat", height=height, width=width, guidance=2.5, max_sequence_length=SEQ
     )
-    times = model.times(4, height=height, width=width)
-    x = jf.generate(field, jnp.asarray(z.numpy().reshape(-1)), solver="euler", times=times)
+    times = grid(model, 4, height=height, width=width)
+    x = _solve(field, jnp.asarray(z.numpy().reshape(-1)), times)
     assert rel(x, ref.numpy().reshape(-1)) < 1e-5
 
 
@@ -286,17 +310,13 @@ def test_flux_euler_equals_the_pipeline(flux, size):
 def test_jvp_of_generation_matches_central_differences(sd3):
     _, _, model = sd3
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
-    times = model.times(3)
+    times = grid(model, 4)  # the solve of test_reconstruction_error_falls_with_steps
     z = jnp.asarray(latents(SIZE, SIZE, seed=5).numpy().reshape(-1))
-    u = jax.random.normal(jax.random.key(0), z.shape, jnp.float32)
+    u = jnp.asarray(np.random.default_rng(0).standard_normal(z.shape), jnp.float32)
 
-    @eqx.filter_jit
-    def gen(field, z):
-        return jf.generate(field, z, solver="euler", times=times)
-
-    _, tangent = jax.jvp(lambda z: gen(field, z), (z,), (u,))
+    _, tangent = jax.jvp(lambda z: _solve(field, z, times), (z,), (u,))
     eps = 1e-2
-    central = (gen(field, z + eps * u) - gen(field, z - eps * u)) / (2 * eps)
+    central = (_solve(field, z + eps * u, times) - _solve(field, z - eps * u, times)) / (2 * eps)
     assert rel(tangent, central) < 2e-3
 
 
@@ -401,7 +421,7 @@ def test_saved_model_runs_without_torch(sd3, tmp_path):
     model.save(tmp_path / "saved")
     z = latents(SIZE, SIZE, seed=6).numpy().reshape(-1)
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
-    expected = jf.generate(field, jnp.asarray(z), solver="euler", times=model.times(3))
+    expected = _solve(field, jnp.asarray(z), grid(model, 4))  # a compile other tests share
     np.save(tmp_path / "z.npy", z)
     script = textwrap.dedent(
         f"""
@@ -411,13 +431,15 @@ def test_saved_model_runs_without_torch(sd3, tmp_path):
                 if name.split(".")[0] in ("torch", "diffusers", "transformers"):
                     raise ImportError(name + " is blocked")
         sys.meta_path.insert(0, Block())
-        import jax, jax.numpy as jnp, numpy as np
+        import equinox as eqx, jax, jax.numpy as jnp, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
         import jaxflow as jf, jaxflow.diffusers as jfd
         model = jfd.load({str(tmp_path / "saved")!r})
         field = model.field(height={SIZE}, width={SIZE}, max_sequence_length={SEQ})
         z = jnp.asarray(np.load({str(tmp_path / "z.npy")!r}))
-        x = jf.generate(field, z, solver="euler", times=model.times(3))
+        # jitted with the field an argument: an eager call compiles op by op
+        times = model.times(4)
+        x = eqx.filter_jit(lambda f, z: jf.generate(f, z, solver="euler", times=times))(field, z)
         np.save({str(tmp_path / "x.npy")!r}, np.asarray(x))
         assert "torch" not in sys.modules
         """
@@ -443,15 +465,12 @@ def test_reconstruction_error_falls_with_steps(sd3):
     x = model.encode(rng.uniform(0.2, 0.8, (SIZE, SIZE, 3)).astype(np.float32))
 
     def error(steps):
-        times = model.times(steps)  # a grid is static: one compiled solve per grid
-
-        @eqx.filter_jit
-        def relative(field, x):
-            z = jf.invert(field, x, solver="euler", times=times)
-            back = jf.generate(field, z, solver="euler", times=times)
-            return jnp.linalg.norm(back - x) / jnp.linalg.norm(x)
-
-        return float(relative(field, x))
+        # a grid is static: one compiled solve per grid and direction, the
+        # generating ones shared with the parity, JVP and saving tests
+        times = grid(model, steps)
+        back = np.asarray(_solve(field, _invert(field, x, times), times), np.float64)
+        x64 = np.asarray(x, np.float64)
+        return np.linalg.norm(back - x64) / np.linalg.norm(x64)
 
     errors = [error(n) for n in (4, 16, 64)]
     assert errors[0] > errors[1] > errors[2]
@@ -476,40 +495,39 @@ def test_every_analysis_runs_on_a_ported_model(flux):
     """reconstruct, intrinsic_instability, batch_map and Lyapunov top-k on FLUX,
     unchanged: the field is an ordinary jaxflow field."""
     _, _, model = flux
-    size = 64
-    field = model.field("a dog", height=size, width=size, max_sequence_length=SEQ)
-    times = model.times(3, height=size, width=size)
-    n = 16 * (size // 8) ** 2
-    zs = jax.random.normal(jax.random.key(1), (2, n), jnp.float32)
-
-    # one compiled solve, the field an argument; eager jf.generate would trace anew
-    @eqx.filter_jit
-    def solve(field, z):
-        return jf.generate(field, z, solver="euler", times=times)
+    # the size and grid of test_flux_euler_equals_the_pipeline[size0]: its solve
+    field = model.field("a dog", height=SIZE, width=SIZE, max_sequence_length=SEQ)
+    times = grid(model, 4, height=SIZE, width=SIZE)
+    n = 16 * (SIZE // 8) ** 2
+    # points and checks in NumPy: each eager jnp operation compiles a program
+    zs = np.random.default_rng(1).standard_normal((2, n)).astype(np.float32)
 
     def gen(z):
-        return solve(field, z)
+        return _solve(field, jnp.asarray(z), times)
 
-    xs = jnp.stack([gen(z) for z in zs])
-    np.testing.assert_allclose(jf.batch_map(gen, zs, batch_size=1), xs, rtol=1e-5, atol=1e-5)
-    back = eqx.filter_jit(lambda field, x: jf.reconstruct(field, x, solver="euler", times=times))(
-        field, xs[0]
+    xs = np.stack([gen(z) for z in zs])
+    np.testing.assert_allclose(
+        jf.batch_map(gen, jnp.asarray(zs), batch_size=1), xs, rtol=1e-5, atol=1e-5
     )
-    assert back.shape == (n,) and bool(jnp.all(jnp.isfinite(back)))
-    u = jax.random.normal(jax.random.key(2), (n,), jnp.float32)
-    e = jf.intrinsic_instability(gen, zs[0], u)
-    eps = 1e-2
-    fd = jnp.linalg.norm(gen(zs[0] + eps * u) - gen(zs[0] - eps * u)) / (
-        2 * eps * jnp.linalg.norm(u)
-    )
+    back = eqx.filter_jit(
+        lambda field, x: jf.reconstruct(field, x, solver="euler", times=np.asarray(times))
+    )(field, jnp.asarray(xs[0]))
+    assert back.shape == (n,) and np.all(np.isfinite(back))
+    u = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    e = jf.intrinsic_instability(gen, jnp.asarray(zs[0]), jnp.asarray(u))
+    eps = np.float32(1e-2)
+    diff = np.asarray(gen(zs[0] + eps * u), np.float64) - np.asarray(gen(zs[0] - eps * u))
+    fd = np.linalg.norm(diff) / (2 * eps * np.linalg.norm(u.astype(np.float64)))
     assert abs(float(e) / float(fd) - 1) < 1e-3
 
-    sigmas = times[::-1]
+    sigmas = jnp.asarray(times[::-1], jnp.float32)
 
     def euler_step(x, i):
         return x + (sigmas[i + 1] - sigmas[i]) * field.velocity(x, sigmas[i])
 
-    spectrum = jf.lyapunov_spectrum_of_map(euler_step, zs[0], 3, k=2, key=jax.random.key(3))
+    spectrum = jf.lyapunov_spectrum_of_map(
+        euler_step, jnp.asarray(zs[0]), 3, k=2, key=jax.random.key(3)
+    )
     exponents = np.asarray(spectrum.exponents)
     assert exponents.shape == (2,) and np.all(np.isfinite(exponents))
     assert exponents[0] >= exponents[1]

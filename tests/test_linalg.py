@@ -3,6 +3,7 @@
 can deadlock XLA:CPU's thread pool; see the module's docstring), neither in the
 helpers nor in the entry points that use them, under a caller's `vmap`."""
 
+import functools
 import re
 
 import jax
@@ -44,14 +45,6 @@ CASES = [
 
 @pytest.mark.parametrize("name, ours, plain, a", CASES, ids=[c[0] for c in CASES])
 def test_values_and_derivatives_are_jnp_linalg(name, ours, plain, a):
-    # leading axes, a vmap over them, one matrix: the same numbers as jnp.linalg
-    for got, want in [
-        (ours(a), plain(a)),
-        (jax.vmap(jax.vmap(ours))(a), plain(a)),
-        (ours(a[1, 2]), plain(a[1, 2])),
-    ]:
-        jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), got, want)
-
     # derivatives: a scalar of the outputs whose sign conventions cancel
     def scalar(f):
         def s(m):
@@ -64,13 +57,22 @@ def test_values_and_derivatives_are_jnp_linalg(name, ours, plain, a):
 
         return s
 
-    for d in (jax.grad, jax.jacfwd):
-        np.testing.assert_allclose(
-            d(scalar(ours))(a[0, 1]), d(scalar(plain))(a[0, 1]), rtol=1e-9, atol=1e-12
-        )
-    np.testing.assert_allclose(
-        jax.grad(scalar(ours))(a), jax.grad(scalar(plain))(a), rtol=1e-9, atol=1e-12
-    )
+    # every value and derivative of one function in one compiled program: eagerly,
+    # each operation compiles its own
+    @functools.partial(jax.jit, static_argnums=0)
+    def everything(f, a):
+        # leading axes, a vmap over them, one matrix
+        values = [f(a), jax.vmap(jax.vmap(f))(a), f(a[1, 2])]
+        derivatives = [jax.grad(scalar(f))(a[0, 1]), jax.jacfwd(scalar(f))(a[0, 1])]
+        return values, derivatives, jax.grad(scalar(f))(a)
+
+    (got, got_d, got_g), (want, want_d, want_g) = everything(ours, a), everything(plain, a)
+    # the same numbers as jnp.linalg
+    for g, w in zip(got, want, strict=True):
+        jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-12), g, w)
+    for g, w in zip(got_d, want_d, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name, ours, plain, a", CASES, ids=[c[0] for c in CASES])

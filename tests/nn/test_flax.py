@@ -93,6 +93,11 @@ def _analyse(field, zs, t):
 
 
 @eqx.filter_jit
+def _velocity(field, z):
+    return field.velocity(z, 0.4)
+
+
+@eqx.filter_jit
 @eqx.filter_grad
 def _loss_gradient(network, x, key):
     return jf.flow_matching_loss(network, PATH, x, key)
@@ -111,10 +116,9 @@ def test_flax_network_equals_its_equinox_twin(networks, kind):
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     assert not np.allclose(ours[2], np.eye(N))  # the Jacobian is not trivial
-    velocity = eqx.filter_jit(lambda f, z: f.velocity(z, 0.4))
     np.testing.assert_allclose(
-        velocity(jf.InterpolantField(wrapper, PATH), zs[0]),
-        velocity(jf.InterpolantField(twin, PATH), zs[0]),
+        _velocity(jf.InterpolantField(wrapper, PATH), zs[0]),
+        _velocity(jf.InterpolantField(twin, PATH), zs[0]),
         rtol=1e-12,
         atol=1e-12,
     )

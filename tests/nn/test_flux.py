@@ -229,18 +229,20 @@ def test_bfloat16(dev):
     x16 = inp["x"].astype(jnp.bfloat16)
     c16, p16 = (jnp.asarray(inp[k], jnp.bfloat16) for k in ("context", "pooled"))
     # 1000 sigma and 1000 guidance exact in bfloat16
-    out = _call(bf16, x16, 0.5, 1.0, c16, p16, rope)
+    with jax.default_matmul_precision("highest"):  # the float32 program of the tests above
+        out = _call(bf16, x16, 0.5, 1.0, c16, p16, rope)
+        ref = _call(model, inp["x"], 0.5, 1.0, inp["context"], inp["pooled"], rope)
     assert out.dtype == jnp.bfloat16
-    ref = _call(model, inp["x"], 0.5, 1.0, inp["context"], inp["pooled"], rope)
     assert _rel(out, ref) <= 5e-2
     # guidance 3.5 -> 1000 g = 3504 in bfloat16, as in diffusers: far from float32
     # but close to diffusers' own bfloat16 model
     torch16 = copy.deepcopy(torch_model).to(torch.bfloat16)
     with torch.no_grad():
         ref16 = _torch_forward(torch16, inp, 0.5, 3.5, dtype=torch.bfloat16).float().numpy()
-    out = _call(bf16, x16, 0.5, 3.5, c16, p16, rope)
+    with jax.default_matmul_precision("highest"):
+        out = _call(bf16, x16, 0.5, 3.5, c16, p16, rope)
+        ref = _call(model, inp["x"], 0.5, 3.5, inp["context"], inp["pooled"], rope)
     assert _rel(out, ref16) <= 5e-2
-    ref = _call(model, inp["x"], 0.5, 3.5, inp["context"], inp["pooled"], rope)
     assert _rel(out, ref) > 0.1  # the rounding of 1000 g is diffusers', not dropped
     # float32 tokens into the bfloat16 model: computed in bfloat16, returned as given
     out = jax.eval_shape(bf16, inp["x"], 0.5, 1.0, c16, p16, rope)
