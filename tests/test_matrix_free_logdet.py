@@ -62,7 +62,7 @@ def test_trace_estimators_on_the_divergence_of_a_mixture_field():
     n = 30
     field = jf.AnalyticField(make_mixture(rng, n, 3, "full"), jf.RectifiedFlow())
     x, t = jnp.asarray(rng.standard_normal(n)), 0.4
-    exact = float(field.divergence(x, t, method="closed_form"))
+    exact = float(eqx.filter_jit(lambda f, x: f.divergence(x, t, method="closed_form"))(field, x))
 
     def jvp(v):
         return jax.jvp(lambda y: field.velocity_unchecked(y, t), (x,), (v,))[1]
@@ -85,7 +85,7 @@ def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
     assert var["hutch++"] < 0.2 * var["hutchinson"], var
     # a sketch spanning the space makes it exact, up to the directions below
     # round-off that the sketch's orthonormalisation leaves to the residual
-    full = trace_estimate(lambda v: a @ v, n, key=KEY, num_matvecs=3 * n)
+    full = jax.jit(lambda a: trace_estimate(lambda v: a @ v, n, key=KEY, num_matvecs=3 * n))(a)
     np.testing.assert_allclose(full.value, jnp.trace(a), rtol=1e-6)
     assert float(full.stderr) < 1e-6
 
@@ -142,34 +142,48 @@ def test_log_det_estimate_at_n_4096_agrees_with_the_densities():
     np.testing.assert_allclose(ebar.stderr, ebar.value * hutchpp.stderr / n, rtol=1e-12)
 
 
+CHEAP = dict(solver="heun", steps=12)
+
+
+@eqx.filter_jit
+def _closed_form_log_det(field, z):
+    return jf.log_det_generation(field, z, divergence="closed_form", **CHEAP)
+
+
+@eqx.filter_jit
+def _estimates_along_the_solve(field, z, keys, method, inverse):
+    return jax.vmap(
+        lambda k: log_det_estimate(
+            field, z, key=k, probes=6, method=method, inverse=inverse, **CHEAP
+        )
+    )(keys)
+
+
+@eqx.filter_jit
+def _inversion_with_closed_form(field, z):
+    x = jf.generate(field, z, **CHEAP)
+    return x, jf.invert_with_log_det(field, x, divergence="closed_form", **CHEAP)[1]
+
+
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
 def test_log_det_estimate_is_unbiased_for_the_solve_with_honest_stderr(method):
     # against the closed-form divergence integrated by the same fixed-step solve:
     # the difference is the estimator's alone
-    n = 64
-    field, z = _diag_mixture_field(n, 3.0)
-    cheap = dict(solver="heun", steps=12)
-    exact = float(jf.log_det_generation(field, z, divergence="closed_form", **cheap))
-    est = eqx.filter_jit(
-        jax.vmap(lambda k: log_det_estimate(field, z, key=k, probes=6, method=method, **cheap))
-    )(jax.random.split(KEY, 100))
+    field, z = _diag_mixture_field(64, 3.0)
+    exact = float(_closed_form_log_det(field, z))
+    est = _estimates_along_the_solve(field, z, jax.random.split(KEY, 100), method, False)
     _assert_unbiased_and_honest(est, exact)
 
 
 def test_log_det_estimate_along_the_inversion_is_unbiased_for_that_solve():
     # inverse=True: log|det J_{G^-1}(x)| along the inversion, against the
     # closed-form divergence integrated by the same fixed-step inversion
-    n = 64
-    field, z = _diag_mixture_field(n, 3.0)
-    cheap = dict(solver="heun", steps=12)
-    x = jf.generate(field, z, **cheap)
-    _, exact = jf.invert_with_log_det(field, x, divergence="closed_form", **cheap)
-    est = eqx.filter_jit(
-        jax.vmap(lambda k: log_det_estimate(field, x, key=k, probes=6, inverse=True, **cheap))
-    )(jax.random.split(KEY, 100))
+    field, z = _diag_mixture_field(64, 3.0)
+    x, exact = _inversion_with_closed_form(field, z)
+    est = _estimates_along_the_solve(field, x, jax.random.split(KEY, 100), "hutch++", True)
     _assert_unbiased_and_honest(est, float(exact))
     # the inverse map's log-determinant: minus the generation's, to the solves' error
-    forward = float(jf.log_det_generation(field, z, divergence="closed_form", **cheap))
+    forward = float(_closed_form_log_det(field, z))
     assert abs(float(exact) + forward) < 0.05 * abs(forward), (exact, forward)
 
 
@@ -202,8 +216,13 @@ def test_slq_matches_slogdet_of_a_generation_map():
     field = jf.AnalyticField(make_mixture(rng, n, 3, "diag"), jf.RectifiedFlow())
     g = generation_map(field, solver="euler", steps=6)
     z = jnp.asarray(rng.standard_normal(n))
-    exact = float(jnp.linalg.slogdet(jax.jacfwd(g)(z))[1])
-    est = eqx.filter_jit(lambda g, z: log_det_slq(g, z, key=KEY, probes=32, depth=24))(g, z)
+    exact, est = eqx.filter_jit(
+        lambda g, z: (
+            jnp.linalg.slogdet(jax.jacfwd(g)(z))[1],
+            log_det_slq(g, z, key=KEY, probes=32, depth=24),
+        )
+    )(g, z)
+    exact = float(exact)
     assert abs(float(est.value) - exact) < 3 * float(est.stderr) + 1e-6, (est, exact)
     assert abs(float(est.value) - exact) < 0.03 * abs(exact)
 
@@ -249,7 +268,9 @@ def test_slq_invariant_subspace_and_identity():
     # J = 2 I: one Lanczos step finds the invariant subspace; the padded steps
     # must not bias the quadrature
     n = 20
-    est = log_det_slq(lambda x: 2.0 * x, jnp.ones(n), key=KEY, probes=4, depth=10)
+    est = jax.jit(lambda x: log_det_slq(lambda x: 2.0 * x, x, key=KEY, probes=4, depth=10))(
+        jnp.ones(n)
+    )
     np.testing.assert_allclose(est.value, n * np.log(2.0), rtol=1e-12)
     assert float(est.stderr) < 1e-10
 

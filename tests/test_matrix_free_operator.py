@@ -3,6 +3,7 @@ generation map's products by forward mode and by the checkpointed reverse solve,
 a plain map's by one linearisation and its transpose, all against the dense
 `jax.jacfwd` Jacobian; and the inverse map's Jacobian as the inverse matrix."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,15 @@ def products(fn, x):
     return y, jax.vmap(jvp, 1, 1)(eye), jax.vmap(vjp, 1, 1)(eye)
 
 
+@eqx.filter_jit
+def _products_and_dense(field, z):
+    """The map's products beside `generate` and its dense `jacfwd`, one program per
+    law and path."""
+    g = jf.generation_map(field, **SOLVE)
+    solve = lambda z: jf.generate(field, z, **SOLVE)  # noqa: E731
+    return *products(g, z), solve(z), jax.jacfwd(solve)(z)
+
+
 @pytest.mark.parametrize(
     "law, path",
     [("gaussian", "rectified_flow"), ("mixture_full", "cosine"), ("neighbours", "rectified_flow")],
@@ -34,24 +44,27 @@ def products(fn, x):
 def test_generation_map_products_are_the_jacobian(law, path, seed):
     rng = np.random.default_rng(seed)
     field = jf.AnalyticField(LAWS[law](rng, N), PATHS[path])
-    g = jf.generation_map(field, **SOLVE)
     z = jnp.asarray(rng.standard_normal(N))
-    y, jv, jtu = jax.jit(products)(g, z)
-    dense = jax.jacfwd(lambda z: jf.generate(field, z, **SOLVE))(z)
-    np.testing.assert_allclose(y, jf.generate(field, z, **SOLVE), rtol=1e-12, atol=1e-12)
+    y, jv, jtu, x, dense = _products_and_dense(field, z)
+    np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(jv, dense, rtol=1e-10, atol=1e-12)
     # reverse mode through the checkpointed solve
     np.testing.assert_allclose(jtu, dense.T, rtol=1e-10, atol=1e-12)
 
 
+@eqx.filter_jit
+def _there_and_back(field, z):
+    g = jf.generation_map(field, **SOLVE)
+    g_inv = jf.generation_map(field, inverse=True, checkpoints=8, **SOLVE)
+    x, jac, _ = products(g, z)
+    return x, jac, *products(g_inv, x)
+
+
 def test_inverse_map_jacobian_is_the_inverse():
     rng = np.random.default_rng(0)
     field = jf.AnalyticField(LAWS["mixture_full"](rng, N), PATHS["rectified_flow"])
-    g = jf.generation_map(field, **SOLVE)
-    g_inv = jf.generation_map(field, inverse=True, checkpoints=8, **SOLVE)
     z = jnp.asarray(rng.standard_normal(N))
-    x, jac, _ = products(g, z)
-    z_back, jac_inv, jac_inv_t = products(g_inv, x)
+    x, jac, z_back, jac_inv, jac_inv_t = _there_and_back(field, z)
     # the discrete maps are inverse to the solver's order (16 tsit5 steps)
     np.testing.assert_allclose(z_back, z, atol=1e-5)
     np.testing.assert_allclose(jac_inv @ jac, np.eye(N), atol=1e-4)
@@ -65,9 +78,8 @@ def test_plain_map_products():
         return jnp.tanh(a @ x) + x**2
 
     x = jnp.linspace(-1.0, 1.0, 5)
-    y, jv, jtu = products(fn, x)
-    dense = jax.jacfwd(fn)(x)
-    np.testing.assert_allclose(y, fn(x))
+    y, jv, jtu, fx, dense = jax.jit(lambda x: (*products(fn, x), fn(x), jax.jacfwd(fn)(x)))(x)
+    np.testing.assert_allclose(y, fx)
     np.testing.assert_allclose(jv, dense, rtol=1e-13)
     np.testing.assert_allclose(jtu, dense.T, rtol=1e-13)
 
@@ -77,14 +89,13 @@ def test_settings_are_static_and_grids_concrete():
     times = np.linspace(0.0, 1.0, 9)
     g = jf.generation_map(field, solver="heun", times=times)
     z = jnp.array([0.5, -1.0])
-    np.testing.assert_allclose(
-        jax.jit(lambda g, z: g(z))(g, z), jf.generate(field, z, solver="heun", times=times)
-    )
+    reference = jax.jit(lambda z: jf.generate(field, z, solver="heun", times=times))(z)
+    np.testing.assert_allclose(jax.jit(lambda g, z: g(z))(g, z), reference)
     assert g.solve_kwargs == {"solver": "heun", "times": times}
     # a JAX grid closed over by jitted code is concrete there, and stays so
     grid = jnp.asarray(times)
     inside = jax.jit(lambda z: jf.generation_map(field, solver="heun", times=grid)(z))
-    np.testing.assert_allclose(inside(z), jf.generate(field, z, solver="heun", times=times))
+    np.testing.assert_allclose(inside(z), reference)
 
 
 def test_checks():
