@@ -4,6 +4,7 @@ the same law given with full covariance matrices (the general route, which
 differentiates the direct formula): first and second order, in `x`, in `t` and in
 the law's parameters, forward and reverse, at hypothesis-drawn laws and points."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,44 @@ def _velocity(law, path, x, t):
     return jf.AnalyticField(law, path).velocity(x, t)
 
 
+@eqx.filter_jit
+def _derivatives(law, covariances, path, x, t, u):
+    """Every derivative the property compares, in one program: laws of the same kind
+    and shapes (and the same path) share one compile across examples, where eager
+    `jacfwd`/`jacrev` calls compiled each small op again per example."""
+
+    def v(y, s):
+        return _velocity(law, path, y, s)
+
+    def f(mu):
+        return _velocity(jf.GaussianMixture(law.weights, mu, covariances), path, x, t)
+
+    return dict(
+        value=v(x, t),
+        jacfwd_x=jax.jacfwd(v)(x, t),
+        jacrev_x=jax.jacrev(v)(x, t),
+        jacfwd_t=jax.jacfwd(v, argnums=1)(x, t),
+        jacrev_t=jax.jacrev(v, argnums=1)(x, t),
+        # many tangents at once (the batched route the change is for)
+        jvps=jax.vmap(lambda d: jax.jvp(lambda y: v(y, t), (x,), (d,))[1])(u),
+        # second order: the derivative of the Jacobian
+        hessian=jax.jacfwd(jax.jacrev(v))(x, t),
+        # in the law's means (a parameter, by autodiff of the direct formula)
+        means=jax.jacfwd(f)(law.means),
+    )
+
+
+@eqx.filter_jit
+def _jacobians(law, path, x, t):
+    """Forward and reverse Jacobians in `x` in one program (eagerly, each small op
+    of the two compiled on its own)."""
+
+    def v(y):
+        return _velocity(law, path, y, t)
+
+    return jax.jacfwd(v)(x), jax.jacrev(v)(x)
+
+
 @pytest.mark.parametrize("kind", ["diag", "iso"])
 @pytest.mark.parametrize("path_name", sorted(PATHS))
 @settings(max_examples=3, deadline=None)
@@ -43,39 +82,18 @@ def test_diagonal_mixture_derivatives_match_the_general_route(kind, path_name, s
     t = jnp.asarray(frac * path.t_noise)
     x = diag.means[rng.integers(K)] * path.alpha(t) + path.sigma(t) * rng.standard_normal(N)
     tol = dict(rtol=1e-9, atol=1e-9)
-
-    def v(law):
-        return lambda y, s: _velocity(law, path, y, s)
-
-    np.testing.assert_allclose(v(diag)(x, t), v(full)(x, t), **tol)
-    for jac in (jax.jacfwd, jax.jacrev):
-        np.testing.assert_allclose(jac(v(diag))(x, t), jac(v(full))(x, t), **tol)
-        # in time: the path's coefficients move
-        np.testing.assert_allclose(
-            jac(v(diag), argnums=1)(x, t), jac(v(full), argnums=1)(x, t), **tol
-        )
-    # many tangents at once (the batched route the change is for)
     u = jnp.asarray(rng.standard_normal((7, N)))
-    np.testing.assert_allclose(
-        jax.vmap(lambda d: jax.jvp(lambda y: v(diag)(y, t), (x,), (d,))[1])(u),
-        u @ jax.jacfwd(v(full))(x, t).T,
-        **tol,
-    )
-    # second order: the derivative of the Jacobian
-    np.testing.assert_allclose(
-        jax.jacfwd(jax.jacrev(v(diag)))(x, t), jax.jacfwd(jax.jacrev(v(full)))(x, t), **tol
-    )
+    d = _derivatives(diag, diag.eigvals, path, x, t, u)
+    g = _derivatives(full, full.covariances, path, x, t, u)
 
-    # in the law's means (a parameter, by autodiff of the direct formula)
-    def through_means(law, covariances):
-        def f(mu):
-            return _velocity(jf.GaussianMixture(law.weights, mu, covariances), path, x, t)
-
-        return jax.jacfwd(f)(law.means)
-
-    np.testing.assert_allclose(
-        through_means(diag, diag.eigvals), through_means(full, full.covariances), **tol
-    )
+    np.testing.assert_allclose(d["value"], g["value"], **tol)
+    for name in ("jacfwd", "jacrev"):
+        np.testing.assert_allclose(d[f"{name}_x"], g[f"{name}_x"], **tol)
+        # in time: the path's coefficients move
+        np.testing.assert_allclose(d[f"{name}_t"], g[f"{name}_t"], **tol)
+    np.testing.assert_allclose(d["jvps"], u @ g["jacfwd_x"].T, **tol)
+    np.testing.assert_allclose(d["hessian"], g["hessian"], **tol)
+    np.testing.assert_allclose(d["means"], g["means"], **tol)
 
 
 def test_diagonal_mixture_jacobian_stays_finite_beside_a_far_component():
@@ -88,9 +106,8 @@ def test_diagonal_mixture_jacobian_stays_finite_beside_a_far_component():
     full = jf.GaussianMixture(full.weights, means, full.covariances)
     path = jf.RectifiedFlow()
     x, t = means[1] * 0.7 + 0.1, jnp.asarray(0.3)
-    jd = jax.jacfwd(lambda y: _velocity(diag, path, y, t))(x)
-    jr = jax.jacrev(lambda y: _velocity(diag, path, y, t))(x)
-    jfull = jax.jacfwd(lambda y: _velocity(full, path, y, t))(x)
+    jd, jr = _jacobians(diag, path, x, t)
+    jfull, _ = _jacobians(full, path, x, t)
     assert np.all(np.isfinite(jd)) and np.all(np.isfinite(jr))
     np.testing.assert_allclose(jd, jfull, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(jr, jfull, rtol=1e-9, atol=1e-9)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SOLVE, make_mixture
+from helpers import SOLVE, generate_jit, make_mixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,7 +130,7 @@ def test_generation_spectrum_matches_log_det_and_singular_vectors(seed, kind):
     spec, logdet, jac = _generation_spectrum(field, z, jnp.asarray(frame))
     np.testing.assert_allclose(spec.exponents.sum() * 1.0, logdet, rtol=1e-6, atol=1e-6)
     assert np.all(np.diff(np.asarray(spec.exponents)) <= 0)
-    np.testing.assert_allclose(spec.final_state, jf.generate(field, z, **SOLVE), atol=1e-8)
+    np.testing.assert_allclose(spec.final_state, generate_jit(field, z, **SOLVE), atol=1e-8)
     pushed = np.asarray(jac) @ frame[:, 0]
     first = np.asarray(spec.vectors)[:, list(np.asarray(spec.order)).index(0)]
     assert abs(first @ pushed) / np.linalg.norm(pushed) > 1 - 1e-8
@@ -150,6 +150,10 @@ def test_top_k_uses_k_directions_and_agrees_with_the_full_spectrum():
     np.testing.assert_allclose(abs(top.vectors[:, 0] @ full.vectors[:, 0]), 1.0, rtol=1e-10)
 
 
+# one program per shape (eagerly, each of alignment's ops compiled on its own)
+_alignment = jax.jit(jf.alignment)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 6), k=st.integers(1, 6))
 def test_alignment_of_score_with_an_orthonormal_frame(seed, n, k):
@@ -158,9 +162,9 @@ def test_alignment_of_score_with_an_orthonormal_frame(seed, n, k):
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     c = rng.uniform(0.1, 10)
     # the score along q_0: alignment one with q_0, zero with the rest
-    np.testing.assert_allclose(jf.alignment(c * q[:, 0], q[:, :k]), np.eye(k)[0], atol=1e-12)
+    np.testing.assert_allclose(_alignment(c * q[:, 0], q[:, :k]), np.eye(k)[0], atol=1e-12)
     s = rng.standard_normal((4, n))
-    batch = jf.alignment(s, np.broadcast_to(q[:, :k], (4, n, k)))
+    batch = np.asarray(_alignment(s, np.broadcast_to(q[:, :k], (4, n, k))))
     expect = np.abs(s @ q[:, :k]) / np.linalg.norm(s, axis=1, keepdims=True)
     np.testing.assert_allclose(batch, expect, rtol=1e-12)
     assert np.all(batch <= 1 + 1e-12)
@@ -259,8 +263,9 @@ def test_throw_false_keeps_the_good_points_of_a_batch():
     assert isinstance(out, jf.Outcome)
     np.testing.assert_array_equal(out.ok, [True, True, False, False])
     assert np.all(np.asarray(out.result == jf.RESULTS.non_finite) == [False, False, True, True])
+    alone_jit = jax.jit(lambda x0: of_map(x0, True))  # one compile for both starts
     for i in (0, 1):
-        alone = of_map(_HENON_STARTS[i], True)
+        alone = alone_jit(_HENON_STARTS[i])
         # equal up to rounding: batched linear algebra may round differently
         np.testing.assert_allclose(out.value.exponents[i], alone.exponents, rtol=1e-12)
         np.testing.assert_allclose(
@@ -287,7 +292,7 @@ def test_throw_false_keeps_the_good_points_of_a_batch():
         )
 
     starts = jnp.array([[-1.0], [10.0]])
-    out = jax.vmap(lambda x0: of_flow(x0, False))(starts)
+    out = jax.jit(jax.vmap(lambda x0: of_flow(x0, False)))(starts)
     np.testing.assert_array_equal(out.ok, [True, False])
     np.testing.assert_array_equal(out.result == jf.RESULTS.non_finite, [False, True])
     # x(t) = -1 / (1 + t): the exponent is the mean of 2 x(t) over [0, 1], -2 log 2
