@@ -134,10 +134,17 @@ def plot(rec, field, nodes, x, vectors, align, tangent_align, exponents, z, nois
     grid = jnp.stack(jnp.meshgrid(*g), -1).reshape(-1, 2)
     q = np.stack(np.meshgrid(np.linspace(lim[0], lim[1], 21), np.linspace(lim[2], lim[3], 16)), -1)
     q = q.reshape(-1, 2)
+    # one program for both times (t is traced), not the law op by op
+    density_and_score = jax.jit(
+        lambda grid, q, t: (
+            jax.vmap(lambda y: field.log_prob(y, t))(grid),
+            jax.vmap(lambda y: field.score(y, t))(q),
+        )
+    )
     for ax, t, label in ((axes[0, 0], 0.9, "a"), (axes[0, 1], 0.1, "b")):
-        logp = np.asarray(jax.vmap(lambda y, t=t: field.log_prob(y, t))(grid)).reshape(121, 161)
+        logp, s = (np.asarray(a) for a in density_and_score(grid, jnp.asarray(q), t))
+        logp = logp.reshape(121, 161)
         ax.contourf(g[0], g[1], np.exp(logp), levels=20, cmap="Blues")
-        s = np.asarray(jax.vmap(lambda y, t=t: field.score(y, t))(jnp.asarray(q)))
         s = s / np.linalg.norm(s, axis=1, keepdims=True)
         ax.quiver(q[:, 0], q[:, 1], s[:, 0], s[:, 1], color="k", width=0.002, scale=35)
         draw_moons(ax, nodes)
