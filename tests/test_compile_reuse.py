@@ -29,9 +29,9 @@ ENTRY_POINTS = {
     "log_det_generation": lambda field, z: jf.log_det_generation(
         field, z, route="divergence", **EULER
     ),
-    "log_det_estimate": lambda field, z: jf.log_det_estimate(
-        field, z, key=jax.random.key(0), probes=2, **EULER
-    ).value,
+    "log_det_estimate": lambda field, z: (
+        jf.log_det_estimate(field, z, key=jax.random.key(0), probes=2, **EULER).value
+    ),
     "adaptive generate": lambda field, z: jf.generate(field, z, rtol=1e-6, atol=1e-6),
 }
 

@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("scipy")
 
+pytestmark = pytest.mark.slow  # a benchmark run end to end, in a subprocess
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "instability_grid.py"
 
 JAXFLOW_ROUTES = {

@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+pytestmark = pytest.mark.slow  # a benchmark run end to end, in a subprocess
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "large_models.py"
 MODELS = ("sd35-medium", "flux-dev")
 

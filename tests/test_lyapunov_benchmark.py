@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a benchmark run end to end, in a subprocess
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lyapunov.py"
 
 

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+pytestmark = pytest.mark.slow  # a benchmark run end to end, in a subprocess
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "matrix_free.py"
 
 
