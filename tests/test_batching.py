@@ -125,7 +125,7 @@ def test_use_cpu_devices_spreads_batches_over_cores():
         "f = jax.jit(lambda zs: jf.batch_generate(field, zs)).lower(zs).compile()\n"
         "g = jax.jit(lambda zs: jf.batch_map(lambda z: jf.generate(field, z), zs))\n"
         "assert 'num_partitions=3' in f.as_text()\n"
-        "one = jf.batch_generate(field, zs, mesh=None)\n"
+        "one = jax.jit(lambda zs: jf.batch_generate(field, zs, mesh=None))(zs)\n"
         "np.testing.assert_allclose(f(zs), one, rtol=1e-5, atol=1e-5)\n"
         "np.testing.assert_allclose(g(zs), one, rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"

@@ -25,6 +25,14 @@ def _gaussian_field(dtype=jnp.float64):
     return jf.AnalyticField(law, jf.RectifiedFlow())
 
 
+@eqx.filter_jit
+def _generate_and_invert(field, z, **solve):
+    """One program per dtype and solver (eager calls compile their many small
+    operations one by one)."""
+    x = jf.generate(field, z, **solve)
+    return x, jf.invert(field, x, **solve)
+
+
 def _closed_form():
     lam, v = np.linalg.eigh(COV)
     return MEAN + (v * np.sqrt(lam)) @ v.T @ Z
@@ -39,10 +47,9 @@ def test_generate_and_invert_keep_the_point_dtype(dtype, solve):
     z = jnp.asarray(Z, dtype)
     # Heun's own error at 200 steps is ~3e-6
     atol = ACCURACY[dtype] + (1e-5 if solve else 0.0)
-    x = jf.generate(field, z, **solve)
+    x, back = _generate_and_invert(field, z, **solve)
     assert x.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(x, np.float64), _closed_form(), atol=atol)
-    back = jf.invert(field, x, **solve)
     assert back.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(np.asarray(back, np.float64), Z, atol=4 * atol)
 
@@ -51,7 +58,7 @@ def test_generate_and_invert_keep_the_point_dtype(dtype, solve):
 def test_mixed_law_and_point_dtypes(law_dtype, point_dtype):
     """A law in one dtype and a point in another: the answer has the point's dtype
     and the accuracy of the coarser of the two."""
-    x = jf.generate(_gaussian_field(law_dtype), jnp.asarray(Z, point_dtype))
+    x = eqx.filter_jit(jf.generate)(_gaussian_field(law_dtype), jnp.asarray(Z, point_dtype))
     assert x.dtype == jnp.dtype(point_dtype)
     np.testing.assert_allclose(np.asarray(x), _closed_form(), atol=ACCURACY["float32"])
 
@@ -72,6 +79,7 @@ def test_bfloat16_learned_field_end_to_end(solve):
     z = jnp.asarray(Z, jnp.float32)
     u = jnp.array([1.0, 0.5], jnp.float32)
 
+    @eqx.filter_jit  # eagerly, each of the many small operations compiles on its own
     def run(field, dtype):
         def g(y):
             return jf.generate(field, y, **solve)

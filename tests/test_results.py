@@ -1,6 +1,7 @@
 """throw=False: one point that cannot be solved costs only itself, with its cause."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,36 +45,41 @@ ENTRY_POINTS = {
 }
 
 
+@eqx.filter_jit
+def _vmapped(name, zs, **kw):
+    """`vmap` of an entry point, jitted once per entry point, batch shape and settings
+    (eagerly each call compiles again), so tests asking the same share it."""
+    return jax.vmap(lambda z: ENTRY_POINTS[name](z, **kw))(zs)
+
+
 @pytest.mark.parametrize("name", sorted(set(ENTRY_POINTS) - {"invert", "invert_with_log_det"}))
 def test_throw_false_keeps_the_good_points(name):
-    fn = ENTRY_POINTS[name]
-    out = jax.jit(jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS, throw=False)))(BATCH)
-    reference = jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS))(BATCH[GOOD])
+    out = _vmapped(name, BATCH, max_steps=MAX_STEPS, throw=False)
+    reference = _vmapped(name, BATCH[GOOD], max_steps=MAX_STEPS)
     _check_batch(out, reference)
     if name in ("generate", "generate_with_jacobian"):  # the others share the code
         # throw=True on the same batch raises, naming the cause of the first failure
         with pytest.raises(Exception, match="max_steps|NaN"):
-            jax.block_until_ready(jax.vmap(lambda z: fn(z, max_steps=MAX_STEPS))(BATCH))
+            jax.block_until_ready(_vmapped(name, BATCH, max_steps=MAX_STEPS))
 
 
 @pytest.mark.parametrize("name", ["invert", "invert_with_log_det"])
 def test_invert_throw_false(name):
-    fn = ENTRY_POINTS[name]
     xs = jnp.stack([CORNERS[0], jnp.array([jnp.inf, 0.0])])
-    out = jax.vmap(lambda x: fn(x, throw=False))(xs)
+    out = _vmapped(name, xs, throw=False)
     np.testing.assert_array_equal(np.asarray(out.ok), [True, False])
     assert bool((out.result == jf.RESULTS.invalid_input)[1])
-    reference = fn(xs[0])
+    reference = jax.tree.map(lambda a: a[0], _vmapped(name, xs[:1]))
     for leaf, ref in zip(jax.tree.leaves(out.value), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(np.asarray(leaf)[0], ref, rtol=1e-12)
         assert np.all(np.isnan(np.asarray(leaf)[1]))
 
 
 def test_batch_map_with_throw_false():
-    out = jf.batch_map(
-        lambda z: jf.generate(FIELD, z, max_steps=MAX_STEPS, throw=False), BATCH, batch_size=3
-    )
-    reference = jax.vmap(lambda z: jf.generate(FIELD, z, max_steps=MAX_STEPS))(BATCH[GOOD])
+    fn = lambda z: jf.generate(FIELD, z, max_steps=MAX_STEPS, throw=False)  # noqa: E731
+    out = jax.jit(lambda zs: jf.batch_map(fn, zs, batch_size=3))(BATCH)
+    # the program test_throw_false_keeps_the_good_points[generate] compiled
+    reference = _vmapped("generate", BATCH[GOOD], max_steps=MAX_STEPS)
     _check_batch(out, reference)
 
 
@@ -84,9 +90,11 @@ def test_jvp_through_a_failed_point_is_nan_not_zero():
         return jf.generate(FIELD, z, max_steps=MAX_STEPS, throw=False).value
 
     u = jnp.array([0.0, 1.0])
-    e = jax.vmap(lambda z: jf.intrinsic_instability(g, z, u))(BATCH[:3])
-    assert np.isnan(e[1]) and np.all(np.isfinite(e[jnp.array([0, 2])]))
-    exact = jf.intrinsic_instability(lambda z: jf.generate(FIELD, z), CORNERS[0], u)
+    e = np.asarray(jax.jit(jax.vmap(lambda z: jf.intrinsic_instability(g, z, u)))(BATCH[:3]))
+    assert np.isnan(e[1]) and np.all(np.isfinite(e[[0, 2]]))
+    exact = jax.jit(lambda x: jf.intrinsic_instability(lambda z: jf.generate(FIELD, z), x, u))(
+        CORNERS[0]
+    )
     np.testing.assert_allclose(e[0], exact, rtol=1e-10)
 
 
@@ -123,7 +131,7 @@ def test_samplers_throw_false():
         lambda z: jf.sample_sde(FIELD, z, key, steps=50, throw=False),
         lambda z: jf.sample_ddpm(FIELD, z, key, steps=50, throw=False),
     ):
-        out = jax.vmap(sample)(zs)
+        out = jax.jit(jax.vmap(sample))(zs)
         np.testing.assert_array_equal(np.asarray(out.ok), [True, False])
         assert bool((out.result == jf.RESULTS.invalid_input)[1])
         assert np.all(np.isfinite(out.value[0])) and np.all(np.isnan(out.value[1]))
@@ -131,9 +139,11 @@ def test_samplers_throw_false():
 
 def test_instability_probability_throw_false():
     xs = jnp.array([[0.5, 0.5], [0.2, 0.8], [jnp.nan, 0.1]])
-    out = jf.instability_probability(FIELD, xs, [1.0, 2.0], throw=False)
+    # jitted: eagerly, each of its many small operations compiles on its own
+    probability = eqx.filter_jit(jf.instability_probability)
+    out = probability(FIELD, xs, [1.0, 2.0], throw=False)
     np.testing.assert_array_equal(np.asarray(out.ok), [True, True, False])
-    reference = jf.instability_probability(FIELD, xs[:2], [1.0, 2.0])
+    reference = probability(FIELD, xs[:2], [1.0, 2.0])
     for name in ("p_m", "eps", "delta", "bound"):
         np.testing.assert_allclose(getattr(out.value, name), getattr(reference, name))
     np.testing.assert_allclose(out.value.log_ebar[:2], reference.log_ebar, rtol=1e-12)

@@ -59,13 +59,12 @@ def test_numpy_integers_are_counts(kwargs):
 
 
 def test_traced_settings_are_checked_under_jit():
+    with_rtol = jax.jit(lambda r: jf.generate(FIELD, Z, rtol=r))  # one program for both
     with pytest.raises(RUNTIME, match="rtol must be a finite number > 0"):
-        jax.jit(lambda r: jf.generate(FIELD, Z, rtol=r))(jnp.nan)
+        with_rtol(jnp.nan)
     with pytest.raises(RUNTIME, match="must be greater than"):
         jax.jit(lambda t: jf.generate(FIELD, Z, t_noise=0.3, t_data=t))(0.8)
-    np.testing.assert_allclose(
-        jax.jit(lambda r: jf.generate(FIELD, Z, rtol=r))(1e-8), jf.generate(FIELD, Z)
-    )
+    np.testing.assert_allclose(with_rtol(1e-8), jf.generate(FIELD, Z))
 
 
 EMPIRICAL = jf.AnalyticField(jf.Empirical(jnp.array([[0.0, 0.0], [1.0, 1.0]])), jf.RectifiedFlow())
@@ -149,5 +148,6 @@ def test_reverse_mode_with_a_reverse_adjoint():
     """`jax.grad` through the default solve fails in JAX's while loop (forward mode
     is the default); with the adjoint the docs name, it agrees with forward mode."""
     loss = lambda adjoint: lambda z: jnp.sum(jf.generate(FIELD, z, adjoint=adjoint) ** 2)  # noqa: E731
-    grad = jax.grad(loss(diffrax.RecursiveCheckpointAdjoint()))(Z)
-    np.testing.assert_allclose(grad, jax.jacfwd(loss(None))(Z), rtol=1e-6)
+    # jitted: eagerly the forward and the backward pass each compile
+    grad = jax.jit(jax.grad(loss(diffrax.RecursiveCheckpointAdjoint())))(Z)
+    np.testing.assert_allclose(grad, jax.jit(jax.jacfwd(loss(None)))(Z), rtol=1e-6)
