@@ -1,41 +1,29 @@
 """Identity tests run in float64; float32 behaviour is tested with explicit dtypes.
 
-Most of the suite's time is XLA compilation. The example scripts and benchmarks
-run in subprocesses, and several compile the same programs (the digits UNet's
-training step, a benchmark's routes); one persistent compilation cache per test
-run lets them share those. It lives in a temporary folder that the run's first
-process makes and removes at the end, so nothing survives into another run: a
-fresh clone stays a fresh clone. pytest-xdist's workers and every subprocess
-inherit it through `JAX_COMPILATION_CACHE_DIR`. A cache the caller set already
-is used as it is and left alone.
+Tried and left out: a persistent XLA compilation cache shared by the run's
+processes. The two API tours, which compile mostly the same programs in two
+subprocesses, were no faster with it: JAX never writes a program with a
+host callback to that cache, and most of jaxflow's carry `eqx.error_if`'s.
 """
 
+import faulthandler
 import os
-import shutil
-import tempfile
+import sys
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-_CACHE = pytest.StashKey[str]()
+_STDERR = pytest.StashKey[int]()
 
 
 def pytest_configure(config):
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return  # an xdist worker (the run's folder, inherited) or the caller's own
-    path = tempfile.mkdtemp(prefix="jaxflow-test-xla-cache-")
-    config.stash[_CACHE] = path
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    jax.config.update("jax_compilation_cache_dir", path)
+    config.stash[_STDERR] = os.dup(sys.stderr.fileno())
 
 
 def pytest_unconfigure(config):
-    path = config.stash.get(_CACHE, None)
-    if path is not None:
-        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-        shutil.rmtree(path, ignore_errors=True)
+    os.close(config.stash[_STDERR])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,3 +33,27 @@ def pytest_collection_modifyitems(config, items):
     # them starts last and leaves one core idle while it finishes. The sort is
     # stable: the order within each group, and so module fixtures' reuse, stays.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _time_limit(item) -> float:
+    """pytest-timeout's limit for `item`: its marker, else --timeout, else the ini's."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        return float(marker.kwargs.get("timeout", marker.args[0] if marker.args else 0) or 0)
+    return float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # pytest-timeout ends a stuck test (a deadlock in native code too), but under
+    # pytest-xdist the stacks it prints go to the worker's captured output and are
+    # lost with the worker; faulthandler writes every thread's stack to the real
+    # stderr a second before, so that CI's log shows where the test was stuck
+    limit = _time_limit(item) if item.config.pluginmanager.hasplugin("timeout") else 0
+    if limit <= 0:
+        return (yield)
+    faulthandler.dump_traceback_later(max(limit - 1, 0.5), file=item.config.stash[_STDERR])
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()

@@ -62,6 +62,7 @@ def _batched_tangent(field, zs, dz, schedule):
 # lanes the schedule, the law, path and jacobian the field and the solve): three
 # programs an example, none reused. 4 examples (was 6): each still crosses a lane
 # count with a batch size, a law, a path and both outputs' code.
+@pytest.mark.timeout(180)  # about 5x its idle time on 2 cores
 @settings(max_examples=4, deadline=None)
 @given(
     size=st.integers(1, 23),
@@ -166,6 +167,7 @@ def test_max_point_rms_is_the_largest_points_rms():
     np.testing.assert_allclose(max_point_rms((jnp.asarray(x), jnp.asarray(jac))), each.max())
 
 
+@pytest.mark.timeout(150)  # about 5x its idle time on 2 cores
 def test_failures_are_per_point_and_throw_names_them():
     """A point that runs out of steps fails alone under refill and chunks (its
     neighbours are exact), `throw=True` raises naming the cause, and joint steps

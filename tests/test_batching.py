@@ -83,6 +83,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.timeout(150)  # about 5x its idle time on 2 cores
 def test_sharded_batch_equals_unsharded(tmp_path):
     """On 4 forced CPU devices (a fresh process: the device count is fixed when
     JAX starts), batch_map over 1-D and 2-D meshes, under jit and eagerly, gives

@@ -458,6 +458,7 @@ def test_saved_model_runs_without_torch(sd3, tmp_path):
 # ---- a round trip ----------------------------------------------------------------
 
 
+@pytest.mark.timeout(120)  # about 5x its idle time on 2 cores
 def test_reconstruction_error_falls_with_steps(sd3):
     _, _, model = sd3
     field = model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)

@@ -102,6 +102,7 @@ def test_blocks_found():
     assert not short, f"fewer ```python blocks than expected (expected {EXPECTED}): {short}"
 
 
+@pytest.mark.timeout(660)  # about 5x its idle time on 2 cores
 @pytest.mark.parametrize("page, line, code, skip, slow", _params())
 def test_block_runs(page, line, code, skip, slow, tmp_path):
     if skip is not None:

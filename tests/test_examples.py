@@ -70,6 +70,7 @@ def test_reconstruction_vs_instability(tmp_path):
     assert res["per_solver"]["heun"]["median_R"] < res["per_solver"]["euler"]["median_R"]
 
 
+@pytest.mark.timeout(420)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_instability_vs_dimension(tmp_path):
     rec = run_example("instability_vs_dimension", tmp_path)
@@ -172,6 +173,7 @@ def test_moons_score_error(tmp_path):
         assert ode[1.0]["fraction_beyond"]["0.1"] <= 0.05 and ode[1.0]["median_displacement"] > 0.2
 
 
+@pytest.mark.timeout(120)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_ou_memorisation(tmp_path):
     """Paper 002: Prop. 4.3 to rounding; Theorem 2's law passes the z-tests for the
@@ -198,6 +200,7 @@ def test_ou_memorisation(tmp_path):
         assert per["runs"]["ode"][0]["median_distance"] > per["runs"]["ode"][-1]["median_distance"]
 
 
+@pytest.mark.timeout(210)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_moons_flow_matching(tmp_path):
     """Paper 003 G.5 at toy size: four models train, the flow models from eight
@@ -224,6 +227,7 @@ def test_moons_flow_matching(tmp_path):
     )
 
 
+@pytest.mark.timeout(300)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_digits_lyapunov_and_reconstruction_share_one_trained_model(tmp_path):
     """Paper 003 Fig. 2/5 and paper 000 Fig. 4(b) on the digits at toy size: the
@@ -258,6 +262,7 @@ def test_digits_lyapunov_and_reconstruction_share_one_trained_model(tmp_path):
     assert res["fd_vs_jvp_median_rel_diff"] < 0.1
 
 
+@pytest.mark.timeout(720)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_digits_singular_values(tmp_path):
     """The digits UNet's J_G at n = 64: matrix-free top-k equals the dense spectrum,

@@ -67,6 +67,7 @@ def check_route(route, kind):
     assert route["x_from_limit"] == pytest.approx(1 / route["fraction_of_limit"])
 
 
+@pytest.mark.timeout(300)  # about 5x its idle time on 2 cores
 def test_jaxflow_and_scipy_routes(results):
     assert results["points"] == 81 and results["rtol"] == 1e-6 and results["atol"] == 1e-8
     assert results["reference"]["points"] == 20
@@ -96,6 +97,7 @@ def test_jaxflow_and_scipy_routes(results):
     assert limit["variational"]["flops_per_eval"] > limit["velocity"]["flops_per_eval"]
 
 
+@pytest.mark.timeout(300)  # the module's benchmark run may fall to this test
 def test_torch_routes(results):
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")

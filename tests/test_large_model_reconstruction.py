@@ -59,6 +59,7 @@ def read(out):
     return result, lines
 
 
+@pytest.mark.timeout(480)  # about 5x its idle time on 2 cores
 @pytest.mark.slow
 def test_quick_study_resumes_and_shards(tmp_path):
     """One test, so that pytest-xdist runs the single-device study once: its

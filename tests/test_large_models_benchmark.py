@@ -31,6 +31,7 @@ def run(tmp_path):
         return json.load(f), done.stdout
 
 
+@pytest.mark.timeout(210)  # about 5x its idle time on 2 cores
 def test_tiny_benchmark(tmp_path):
     """One test, so that pytest-xdist runs the benchmark once (a fixture would run
     on each worker that takes one of several tests)."""
@@ -93,6 +94,7 @@ def run_study(tmp_path):
         return json.load(f), done.stdout
 
 
+@pytest.mark.timeout(240)  # about 5x its idle time on 2 cores
 def test_tiny_study(tmp_path):
     """One test for the study run (its own pytest-xdist worker, as the one above)."""
     results, stdout = run_study(tmp_path)

@@ -23,6 +23,7 @@ def check_route(route, limit_s):
     assert route["x_flop_limit"] == pytest.approx(route["run_s"] / limit_s)
 
 
+@pytest.mark.timeout(120)  # about 5x its idle time on 2 cores
 def test_lyapunov_benchmark_small(tmp_path):
     out = tmp_path / "lyapunov.json"
     command = [sys.executable, str(SCRIPT), "--ics", "4", "--loop-ics", "1", "--paths", "8"]

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow  # a benchmark run end to end, in a subprocess
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "matrix_free.py"
 
 
+@pytest.mark.timeout(120)  # about 5x its idle time on 2 cores
 def test_matrix_free_benchmark_small(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, str(SCRIPT), "--sizes", "48", "--components", "6"]
