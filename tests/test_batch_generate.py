@@ -41,10 +41,6 @@ def batched(field, zs, schedule, jacobian, **kw):
     )
 
 
-# jitted, as an eager call compiles each of its many small operations on its own
-_batch_generate_jit = eqx.filter_jit(jf.batch_generate)
-
-
 @eqx.filter_jit
 def _lone_tangent(field, zs, dz):
     return jax.jvp(jax.vmap(lambda z: jf.generate(field, z, **TOL)), (zs,), (dz,))[1]
@@ -181,8 +177,11 @@ def test_failures_are_per_point_and_throw_names_them():
         np.testing.assert_array_equal(out.result._value, ref.result._value)
         np.testing.assert_allclose(out.value, ref.value, rtol=1e-12, equal_nan=True)
     with pytest.raises(Exception, match="max_steps"):
-        jax.block_until_ready(_batch_generate_jit(field, zs, **TOL, max_steps=25))
-    nan = _batch_generate_jit(field, points(4, bad=(2,)), throw=False, **TOL)
+        jax.block_until_ready(jf.batch_generate(field, zs, **TOL, max_steps=25))
+    # eager, as before: jitted whole (eqx.filter_jit(jf.batch_generate)), this call
+    # once crashed XLA:CPU's compiler (SIGSEGV in backend_compile_and_load) in a
+    # worker of a full xdist run, though never alone; cause not found yet
+    nan = jf.batch_generate(field, points(4, bad=(2,)), throw=False, **TOL)
     assert jf.result_messages(nan.result)[2].startswith("The input")
     value = np.asarray(nan.value)
     assert np.isnan(value[2]).all() and np.isfinite(value[[0, 1, 3]]).all()
