@@ -1,7 +1,6 @@
 """batch_generate: every schedule against the single-point solves it replaces."""
 
 import diffrax
-import equinox as eqx
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -26,40 +25,19 @@ def points(n, seed=0, bad=()):
     return zs
 
 
-# Module-level jits that take the field as an argument: a second call with a field
-# of the same type and shapes, the same batch shape and settings reuses the program.
-@eqx.filter_jit
 def lone(field, zs, jacobian, **kw):
     fn = jf.generate_with_jacobian if jacobian else jf.generate
-    return jax.vmap(lambda z: fn(field, z, throw=False, **kw))(zs)
+    return jax.jit(jax.vmap(lambda z: fn(field, z, throw=False, **kw)))(zs)
 
 
-@eqx.filter_jit
 def batched(field, zs, schedule, jacobian, **kw):
-    return jf.batch_generate(
+    run = lambda zs: jf.batch_generate(  # noqa: E731
         field, zs, jacobian=jacobian, schedule=schedule, throw=False, stats=True, **kw
     )
+    return jax.jit(run)(zs)
 
 
-@eqx.filter_jit
-def _lone_tangent(field, zs, dz):
-    return jax.jvp(jax.vmap(lambda z: jf.generate(field, z, **TOL)), (zs,), (dz,))[1]
-
-
-@eqx.filter_jit
-def _batched_tangent(field, zs, dz, schedule):
-    def run(zs):
-        return jf.batch_generate(field, zs, schedule=schedule, adjoint=diffrax.ForwardMode(), **TOL)
-
-    return jax.jvp(run, (zs,), (dz,))[1]
-
-
-# Every draw but the law's values sets the programs compiled (size the batch shape,
-# lanes the schedule, the law, path and jacobian the field and the solve): three
-# programs an example, none reused. 4 examples (was 6): each still crosses a lane
-# count with a batch size, a law, a path and both outputs' code.
-@pytest.mark.timeout(180)  # about 5x its idle time on 2 cores
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     size=st.integers(1, 23),
     lanes=st.integers(1, 9),
@@ -67,17 +45,15 @@ def _batched_tangent(field, zs, dz, schedule):
     law=st.sampled_from(["mixture_full", "gaussian"]),
     path=st.sampled_from(sorted(PATHS)),
 )
+@pytest.mark.timeout(180)  # about 5x its idle time on 2 cores
 def test_refill_and_chunks_equal_lone_solves(size, lanes, jacobian, law, path):
     """Lane refill and chunks take each point through exactly the steps of its own
     solve: values and per-point results equal `vmap` of `generate` /
     `generate_with_jacobian` to 1e-12, a NaN point included, for any lane count."""
     rng = np.random.default_rng(size * 31 + lanes)
     field = jf.AnalyticField(LAWS[law](rng, 2), PATHS[path])
-    # the points in NumPy: jax.random's eager programs compile again for each size
-    zs = np.random.default_rng(lanes).standard_normal((size, 2)) * 0.6
-    if size > 2:
-        zs[size // 2] = np.nan
-    zs = jnp.asarray(zs)
+    bad = (size // 2,) if size > 2 else ()
+    zs = points(size, seed=lanes, bad=bad)
     kw = dict(t_data=1e-3) if path == "ornstein_uhlenbeck" else {}
     ref = lone(field, zs, jacobian, **TOL, **kw)
     for schedule in (jf.LaneRefill(lanes=lanes), jf.Chunks(lanes=lanes)):
@@ -128,10 +104,9 @@ def test_joint_steps_meet_every_points_tolerance():
     carry a hard one past its tolerance."""
     field = fig3_field()
     zs = jnp.concatenate([points(63, seed=5), jnp.asarray([[0.0, 0.6]])])
-    # tolerances as arrays: the tight and the per-point solves share one program
-    tight = lone(field, zs, True, rtol=jnp.asarray(1e-12), atol=jnp.asarray(1e-12)).value
+    tight = lone(field, zs, True, rtol=1e-12, atol=1e-12).value
     joint = batched(field, zs, jf.JointSteps(lanes=64), True, **TOL)[0].value
-    per_point = lone(field, zs, True, **{k: jnp.asarray(v) for k, v in TOL.items()}).value
+    per_point = lone(field, zs, True, **TOL).value
 
     def error(value):
         x, jac = value
@@ -140,7 +115,11 @@ def test_joint_steps_meet_every_points_tolerance():
         )
 
     assert np.max(error(joint)) < 3 * np.max(error(per_point)) + 1e-9
-    rms = batched(field, zs, _RMSJoint(lanes=64), True, **TOL)[0].value
+    rms = jax.jit(
+        lambda zs: jf.batch_generate(
+            field, zs, jacobian=True, schedule=_RMSJoint(lanes=64), **TOL, throw=False
+        )
+    )(zs).value
     assert np.max(error(rms)) > 3 * np.max(error(joint))
 
 
@@ -178,9 +157,6 @@ def test_failures_are_per_point_and_throw_names_them():
         np.testing.assert_allclose(out.value, ref.value, rtol=1e-12, equal_nan=True)
     with pytest.raises(Exception, match="max_steps"):
         jax.block_until_ready(jf.batch_generate(field, zs, **TOL, max_steps=25))
-    # eager, as before: jitted whole (eqx.filter_jit(jf.batch_generate)), this call
-    # once crashed XLA:CPU's compiler (SIGSEGV in backend_compile_and_load) in a
-    # worker of a full xdist run, though never alone; cause not found yet
     nan = jf.batch_generate(field, points(4, bad=(2,)), throw=False, **TOL)
     assert jf.result_messages(nan.result)[2].startswith("The input")
     value = np.asarray(nan.value)
@@ -195,9 +171,15 @@ def test_empty_batch_and_forward_derivative():
     x, jac = jf.batch_generate(field, jnp.zeros((0, 2)), jacobian=True)
     assert x.shape == (0, 2) and jac.shape == (0, 2, 2)
     zs, dz = points(5, seed=4), points(5, seed=7)
-    want = _lone_tangent(field, zs, dz)
+    _, want = jax.jvp(jax.vmap(lambda z: jf.generate(field, z, **TOL)), (zs,), (dz,))
     for schedule in (jf.LaneRefill(), jf.Chunks(), jf.JointSteps()):
-        tangent = _batched_tangent(field, zs, dz, schedule)
+
+        def run(zs, schedule=schedule):
+            return jf.batch_generate(
+                field, zs, schedule=schedule, adjoint=diffrax.ForwardMode(), **TOL
+            )
+
+        _, tangent = jax.jvp(run, (zs,), (dz,))
         tol = 1e-5 if isinstance(schedule, jf.JointSteps) else 1e-10  # other steps
         np.testing.assert_allclose(tangent, want, rtol=tol, atol=tol)
 
