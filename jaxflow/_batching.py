@@ -202,9 +202,14 @@ def shard_blocks(block: Callable, xs, mesh: Mesh, size: int):
             leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)])
         return jax.lax.with_sharding_constraint(leaf, sharding)
 
-    # check_vma=False: diffrax's while loops carry unvarying zeros beside varying
-    # states, which the check rejects though every device runs independently
-    out = jax.shard_map(block, mesh=flat, in_specs=spec, out_specs=spec, check_vma=False)(
-        jax.tree_util.tree_map(place, xs)
-    )
-    return jax.tree_util.tree_map(lambda a: a[:size], out)
+    def sharded(xs):
+        # check_vma=False: diffrax's while loops carry unvarying zeros beside varying
+        # states, which the check rejects though every device runs independently
+        out = jax.shard_map(block, mesh=flat, in_specs=spec, out_specs=spec, check_vma=False)(
+            jax.tree_util.tree_map(place, xs)
+        )
+        return jax.tree_util.tree_map(lambda a: a[:size], out)
+
+    # One program when called eagerly too: an eager shard_map runs its body op by op,
+    # hundreds of small compiles for one solve. Under an outer jit this is inlined.
+    return jax.jit(sharded)(xs)
