@@ -24,9 +24,10 @@ best timed call), cores busy (process CPU time / wall time over the timed calls,
 `resource.getrusage`), accuracy against a tight reference on `--ref-points` random
 grid points (jaxflow `generate_with_jacobian` at rtol = atol = 1e-12, float64,
 vmapped; itself checked against scipy DOP853 at 1e-13 for G), and the distance
-from a rough flop limit: peak float64 GFLOP/s of a 2048^2 `jnp.dot` / (XLA's flop
-count of one right-hand-side evaluation x the mean evaluations a point needs,
-measured by diffrax Dopri5 + PIDController at the benchmark's tolerances).
+from a rough flop limit: peak float64 GFLOP/s of a 2048^2 `jnp.dot` (`--peak-size`;
+a smaller one for the smoke test) / (XLA's flop count of one right-hand-side
+evaluation x the mean evaluations a point needs, measured by diffrax Dopri5 +
+PIDController at the benchmark's tolerances).
 
     python benchmarks/instability_grid.py [--grid 201] [--routes SUBSTR,...] [--json out.json]
 """
@@ -165,7 +166,7 @@ def _flops(fn, *args):
     return float(cost["flops"]), float(cost.get("transcendentals", 0.0))
 
 
-def flop_limit(field, zs, rtol, atol):
+def flop_limit(field, zs, rtol, atol, peak_size=2048):
     """Flops of one right-hand-side evaluation (XLA cost analysis, one point) for
     the PF-ODE and its variational equation, the diffrax Dopri5 + PIDController
     steps a point takes on the grid (`sol.stats['num_steps']`, rejected steps
@@ -215,7 +216,7 @@ def flop_limit(field, zs, rtol, atol):
     # + 1 for the first stage; diffeqsolve wraps its term, so its first step is a
     # fixed 0.01 and its initial step-size search (2 more) never runs
     evals_var, evals_v = 6 * steps_var + 1, 6 * steps_v + 1
-    peak = peak_gflops(dtype)
+    peak = peak_gflops(dtype, peak_size)
 
     def part(flops, transcendentals, steps, evals):
         flops_per_point = flops * float(np.mean(evals))
@@ -356,6 +357,9 @@ def main():
         "routes run on JAX's default device, the GPU, too)",
     )
     parser.add_argument("--no-limit", action="store_true", help="skip the flop limit")
+    parser.add_argument(
+        "--peak-size", type=int, default=2048, help="matmul size for the flop limit's peak"
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument(
         "--dtype",
@@ -481,7 +485,7 @@ def main():
     limit = None
     if not args.no_limit:
         t0 = time.perf_counter()
-        limit = flop_limit(field, zs, RTOL, ATOL)
+        limit = flop_limit(field, zs, RTOL, ATOL, args.peak_size)
         limit["seconds"] = time.perf_counter() - t0
         for part, label in (("variational", "G+J"), ("velocity", "G alone")):
             d = limit[part]
@@ -491,7 +495,8 @@ def main():
                 f"diffrax Dopri5 steps a point median {d['steps_median']:.0f}, mean "
                 f"{d['steps_mean']:.1f}, max {d['steps_max']} -> {d['evals_mean']:.1f} "
                 f"evaluations (6 a step + 1), {d['flops_per_point']:,.0f} flops a point; "
-                f"at {limit['peak_gflops']:.1f} GFLOP/s ({args.dtype} 2048^2 matmul peak): "
+                f"at {limit['peak_gflops']:.1f} GFLOP/s ({args.dtype} {args.peak_size}^2 "
+                "matmul peak): "
                 f"{d['limit_points_per_s']:,.0f} points/s"
             )
         for r in results.values():

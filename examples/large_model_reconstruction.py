@@ -322,6 +322,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens")
     p.add_argument("--batch", type=int, default=None, help="images a batch (local devices)")
+    p.add_argument(
+        "--devices", type=int, default=None, help="use the first N local devices (default all)"
+    )
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (1000)")
     p.add_argument("--gallery", type=int, default=6, help="worst reconstructions shown")
@@ -340,6 +343,10 @@ def main(argv=None):
     seq = args.max_sequence_length or (TINY_SEQUENCE if args.model in TINY else None)
     resamples = args.bootstrap or (200 if args.quick else 1000)
     devices = jax.local_devices()
+    if args.devices is not None:
+        if not 1 <= args.devices <= len(devices):
+            raise SystemExit(f"--devices {args.devices}: this host has {len(devices)}.")
+        devices = devices[: args.devices]
     batch = args.batch or len(devices)
     if batch % len(devices):
         raise SystemExit(f"--batch {batch} must be a multiple of the {len(devices)} local devices.")

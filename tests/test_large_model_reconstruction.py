@@ -1,9 +1,11 @@
 """`examples/large_model_reconstruction.py --quick` on the tiny SD3.5-like pipeline:
 the records, resuming, refusing a changed study, and the same records sharded over
-four (virtual CPU) devices. The runs that compute run in subprocesses, as in
-tests/test_examples.py; one single-device run is shared by every test. The resumed
-and the refused runs compute and compile nothing: they run in this process
-(`main(argv)`), which saves two interpreter, JAX and torch start-ups."""
+four (virtual CPU) devices. The two runs that compute run one after the other in
+one subprocess with four virtual CPU devices (JAX's device count is fixed when it
+starts; this process has one): the single-device run on the first device
+(`--devices 1`), then the sharded one, which saves an interpreter, JAX, torch and
+pipeline start-up. The resumed and the refused runs compute and compile nothing:
+they run in this process (`main(argv)`), which saves two more."""
 
 import contextlib
 import io
@@ -20,18 +22,40 @@ pytest.importorskip("diffusers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "large_model_reconstruction"
-SCRIPT = os.path.join(ROOT, "examples", f"{NAME}.py")
 
 
-def run(out, *extra, env=None):
-    return subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--quiet", "--out", str(out), *extra],
-        check=True,
+# `main` of each argv in turn, in one process; each run's printout after a marker
+RUNS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from large_model_reconstruction import main
+for argv in json.loads(sys.argv[2]):
+    print("@@run", flush=True)
+    main(argv)
+"""
+
+
+def run_both(single, sharded):
+    """The single-device run (`single`) and the sharded run (`sharded`, without the
+    singular values, whose reverse-mode compile would double it) in one process
+    with four virtual CPU devices: (what the single run printed, the sharded's)."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    argvs = [
+        ["--quick", "--quiet", "--out", str(single), "--devices", "1"],
+        ["--quick", "--quiet", "--out", str(sharded), "--singular-values", "0"],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", RUNS, os.path.join(ROOT, "examples"), json.dumps(argvs)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, printed_single, printed_sharded = done.stdout.split("@@run\n")
+    return printed_single, printed_sharded
 
 
 def run_here(out, *extra):
@@ -66,11 +90,12 @@ def test_quick_study_resumes_and_shards(tmp_path):
     records, then a resumed run, a refused changed study, and the sharded run
     against it."""
     out = tmp_path / "quick"
-    run(out)
+    printed_single, printed_sharded = run_both(out, tmp_path / "sharded")
+    assert "batches of 1 on 1 device(s)" in printed_single
     quick = (out, *read(out))
     _quick_run_records_every_image(quick)
     _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path)
-    _sharded_run_gives_the_same_records(quick, tmp_path / "sharded")
+    _sharded_run_gives_the_same_records(quick, tmp_path / "sharded", printed_sharded)
 
 
 def _values(record):
@@ -128,13 +153,8 @@ def _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path):
     assert read(again)[1] == lines
 
 
-def _sharded_run_gives_the_same_records(quick, tmp_path):
+def _sharded_run_gives_the_same_records(quick, tmp_path, printed):
     _, _, lines = quick
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    # without the singular values, whose reverse-mode compile would double this run
-    printed = run(tmp_path, "--singular-values", "0", env=env).stdout
     assert "batches of 4 on 4 device(s)" in printed
     result, sharded = read(tmp_path)
     assert result["settings"]["batch"] == 4

@@ -22,13 +22,13 @@ def test_matrix_free_benchmark_small(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, str(SCRIPT), "--sizes", "48", "--components", "6"]
     command += ["--steps", "8", "-k", "3", "--block-size", "4", "--repeats", "1"]
-    command += ["--check-n", "24", "--out", str(out)]
+    command += ["--check-n", "48", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "n = 48, jaxflow: G" in done.stdout  # printed before the torch route runs
     with open(out) as f:
         res = json.load(f)
-    assert res["check"]["n"] == 24
+    assert res["check"]["n"] == 48
     assert res["check"]["jaxflow_vs_dense"] < 1e-3 and res["check"]["torch_vs_dense"] < 1e-3
     (row,) = res["sizes"]
     assert row["n"] == 48 and len(row["values"]) == 3
