@@ -75,6 +75,8 @@ def train_at_size(args, size: int):
     """`(field, info)`: a UNet trained at `size` x `size` as `_digits.py` trains the
     8x8 one, briefly (smaller batches and warm-up); cached under `args.cache`."""
     mult = (1, 2) if size <= 16 else (1, 2, 2)
+    if args.quick:  # one level fewer, as the quick 8x8 model (`_digits.model_settings`)
+        mult = mult[:-1]
     steps = args.big_train_steps
     field, info = train_unet(
         upsampled_digits(size),
@@ -85,7 +87,7 @@ def train_at_size(args, size: int):
         multipliers=mult,
         channels=args.big_channels,
         steps=steps,
-        batch=64,
+        batch=args.big_batch,
         warmup=50,
         chunk=50,
         # keys apart from the 8x8 model's; one checkpoint, at the end, for a short run
@@ -96,7 +98,10 @@ def train_at_size(args, size: int):
     return field, dict(n=size * size, multipliers=mult, train_steps=steps, **info)
 
 
+@eqx.filter_jit
 def cast(tree, dtype):
+    """`tree` with its float arrays cast to `dtype`, in one program (eagerly, each
+    leaf shape would compile its own conversion)."""
     return jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
@@ -130,8 +135,12 @@ def main(argv=None):
     args.solver = args.solver or ("euler" if args.quick else "tsit5")
     sizes = args.sizes if args.sizes is not None else ([16] if args.quick else [16, 32])
     big_points = args.big_points or 1
-    big_steps = args.big_steps or (8 if args.quick else 16)
-    args.big_train_steps = args.big_train_steps or (30 if args.quick else 300)
+    # the quick run's larger size checks the matrix-free route against dense on a
+    # short map (two steps) of a model trained a few small batches: running costs
+    # little there, and every program is compiled as in the full run
+    big_steps = args.big_steps or (2 if args.quick else 16)
+    args.big_train_steps = args.big_train_steps or (10 if args.quick else 300)
+    args.big_batch = 16 if args.quick else 64
     args.big_channels = args.big_channels or 8
     rec = Record(
         "digits_singular_values",
@@ -150,7 +159,7 @@ def main(argv=None):
                 solver=f"{args.solver}, {big_steps} steps, same geometric grid",
                 train_steps=args.big_train_steps,
                 channels=args.big_channels,
-                batch=64,
+                batch=args.big_batch,
                 dtype="float32",
             ),
             seed=args.seed,

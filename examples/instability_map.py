@@ -165,7 +165,7 @@ def main(argv=None):
     ax = axes[0]
     g = np.linspace(-1.2, 1.2, 241)
     pts = jnp.stack(jnp.meshgrid(g, g), -1).reshape(-1, 2)
-    logp = np.asarray(jax.vmap(field.law.log_prob)(pts)).reshape(241, 241)
+    logp = np.asarray(jax.jit(jax.vmap(field.law.log_prob))(pts)).reshape(241, 241)
     im = ax.imshow(np.exp(logp), extent=(-1.2, 1.2, -1.2, 1.2), origin="lower", cmap="Blues")
     fig.colorbar(im, ax=ax, label="density $p_{gen}(x)$")
     sq = np.asarray(square)

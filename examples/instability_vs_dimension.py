@@ -52,9 +52,19 @@ from jaxflow.data import sparse_neighbours, tiling_neighbours  # noqa: E402
 TIGHT = dict(rtol=1e-10, atol=1e-10, max_steps=100_000)
 
 
+def _tol(rtol):
+    """A tolerance as an array, not a Python float: `eqx.filter_jit` treats it as
+    dynamic, so solves that differ only in tolerance share one compiled program."""
+    return jnp.asarray(rtol, jnp.float64)
+
+
 @eqx.filter_jit
-def _probability(field, x, M, rtol, max_steps):
+def _probability_jit(field, x, M, rtol, max_steps):
     return jf.instability_probability(field, x, M, rtol=rtol, atol=rtol, max_steps=max_steps)
+
+
+def _probability(field, x, M, rtol, max_steps):
+    return _probability_jit(field, x, M, _tol(rtol), max_steps)
 
 
 @eqx.filter_jit
@@ -80,8 +90,15 @@ def _route_check(field, x):
     return jax.vmap(one)(x)
 
 
+@eqx.filter_jit
+def _law_summary(law):
+    """A sweep row's numbers of the law in one program (op by op, each n compiled some
+    twenty small ones): w_n, the own-box mass, d_min and log M_0."""
+    return law.widths[0], law.own_box_mass()[0], law.min_box_distance(), law.theorem_4_3_log_m0()
+
+
 SKETCH = 4  # Hutch++ sketch columns: the responsibilities' part has rank m - 1 = 2
-FREE_SAMPLES = 4  # points per n of the matrix-free check
+FREE_SAMPLES = 4  # points per n of the matrix-free check (--quick: 1)
 
 
 def _problem(args, key, n, count):
@@ -92,8 +109,12 @@ def _problem(args, key, n, count):
     return law, jf.AnalyticField(law, jf.RectifiedFlow()), x
 
 
-@eqx.filter_jit
 def _matrix_free(field, x, key, probes, rtol, max_steps):
+    return _matrix_free_jit(field, x, key, probes, _tol(rtol), max_steps)
+
+
+@eqx.filter_jit
+def _matrix_free_jit(field, x, key, probes, rtol, max_steps):
     """`log|det J_{G^{-1}}(x)|` for each sample, matrix-free: Hutch++ estimates of the
     divergence integrated along the inversion. `dv/dx` is diagonal within a cube's
     component plus a rank-(m - 1) part from the responsibilities, which dominates
@@ -116,8 +137,12 @@ def _matrix_free(field, x, key, probes, rtol, max_steps):
     )(x, keys)
 
 
-@eqx.filter_jit
 def _dense_log_det(field, x, rtol, max_steps):
+    return _dense_log_det_jit(field, x, _tol(rtol), max_steps)
+
+
+@eqx.filter_jit
+def _dense_log_det_jit(field, x, rtol, max_steps):
     """The dense route, for its cost: `n` JVPs of the inversion and `slogdet`."""
     return jf.log_abs_det_jacobian(
         lambda y: jf.invert(field, y, rtol=rtol, atol=rtol, max_steps=max_steps), x
@@ -250,7 +275,13 @@ def main(argv=None):
         default=1.0,
         help="multiplies the inversion's rtol = atol (1e-6 to n=8, 1e-5 to 64, then 1e-4)",
     )
-    p.add_argument("--max-steps", type=int, default=20_000)
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"the sweep's max_steps (20000; --quick: {TIGHT['max_steps']}, the tight solves', "
+        "so that a sweep solve and a tight one at the same n and shapes share a program)",
+    )
     p.add_argument(
         "--large-dims",
         default=None,
@@ -277,6 +308,12 @@ def main(argv=None):
         else ([32] if args.quick else [2048, 4096, 8192])
     )
     large_samples = args.large_samples or (4 if args.quick else 16)
+    # --quick: the sweep's max_steps is the tight solves' and the matrix-free check has
+    # one point, the dense route's count: its tight and loose estimates and the dense
+    # route's timing then share one compiled program
+    if args.max_steps is None:
+        args.max_steps = TIGHT["max_steps"] if args.quick else 20_000
+    free_samples = 1 if args.quick else FREE_SAMPLES
     dense_cost_n = args.dense_cost_n or (8 if args.quick else 32)
     free_dims = (
         [int(d) for d in args.matrix_free_dims.split(",") if d]
@@ -285,7 +322,10 @@ def main(argv=None):
     )
     Ms = [float(m) for m in args.M.split(",")]
     dense_dims = [n for n in dims if n <= (2 if args.quick else 8)]
-    tol_dims = [] if args.quick else [max(dims)]
+    # --quick: at the smallest n, with the sweep's points and step cap, so that both
+    # solves reuse the sweep's compiled program (the tolerance is an argument)
+    tol_dims = [dims[0]] if args.quick else [max(dims)]
+    tol_samples = samples if args.quick else 4
     tiling = [(2, 8)] if args.quick else [(2, 8), (3, 5), (4, 4)]
     tiling_samples = 64 if args.quick else 256
     rec = Record(
@@ -314,7 +354,7 @@ def main(argv=None):
             ),
             matrix_free=dict(
                 dims=free_dims,
-                samples=FREE_SAMPLES,
+                samples=free_samples,
                 log_ebar="jf.log_det_estimate(inverse=True), Hutch++, along the inversion",
                 probes=args.probes,
                 sketch=SKETCH,
@@ -322,7 +362,7 @@ def main(argv=None):
             ),
             M=Ms,
             dense_check=dict(dims=dense_dims, samples=4, **TIGHT),
-            tolerance_check=dict(dims=tol_dims, samples=4, tighter_by=10),
+            tolerance_check=dict(dims=tol_dims, samples=tol_samples, tighter_by=10),
             control=dict(kind="tiling_neighbours", n_k=tiling, samples=tiling_samples),
             quick=args.quick,
         ),
@@ -340,12 +380,13 @@ def main(argv=None):
         elapsed = time.perf_counter() - start
         sweep_log_ebar[n] = log_ebar
         radius2 = 2 * n + 3 * np.sqrt(2 * n)
+        width, own_box_mass, d_min, log_m0 = (float(v) for v in _law_summary(law))
         row = dict(
             n=n,
-            width=float(law.widths[0]),
-            own_box_mass=float(law.own_box_mass()[0]),
-            d_min_over_sqrt_n=float(law.min_box_distance()) / np.sqrt(n),
-            log_M0=float(law.theorem_4_3_log_m0()),
+            width=width,
+            own_box_mass=own_box_mass,
+            d_min_over_sqrt_n=d_min / np.sqrt(n),
+            log_M0=log_m0,
             P_M=np.asarray(r.p_m),
             samples=count,
             P_M_standard_error=binomial_se(np.asarray(r.p_m), count),
@@ -373,7 +414,7 @@ def main(argv=None):
             flush=True,
         )
 
-    free_rows = [matrix_free_row(args, key, n, FREE_SAMPLES, Ms) for n in free_dims]
+    free_rows = [matrix_free_row(args, key, n, free_samples, Ms) for n in free_dims]
     dense_cost = dense_cost_row(args, key, dense_cost_n, large_dims, free_rows)
 
     # The change of variables against two other routes at small n.
@@ -409,10 +450,11 @@ def main(argv=None):
     tol_rows = []
     for n in tol_dims:
         _, field, x = _problem(args, key, n, samples)
-        x = x[:4]
+        x = x[:tol_samples]
         rtol = rtol_for(n, args.rtol_scale)
+        cap = args.max_steps if args.quick else 10 * args.max_steps
         loose = np.asarray(_probability(field, x, M, rtol, args.max_steps).log_ebar)
-        tight = np.asarray(_probability(field, x, M, rtol / 10, 10 * args.max_steps).log_ebar)
+        tight = np.asarray(_probability(field, x, M, rtol / 10, cap).log_ebar)
         tol_rows.append(
             dict(
                 n=n,
@@ -499,7 +541,7 @@ def plot(rec, args, Ms, rows, dense_rows, control, samples, large_samples, free,
             "kD",
             mfc="none",
             ms=10,
-            label=f"$P_M$, matrix-free Ebar (Hutch++, {FREE_SAMPLES} points)",
+            label=f"$P_M$, matrix-free Ebar (Hutch++, {len(free[0]['log_ebar'])} points)",
         )
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(

@@ -65,7 +65,7 @@ def random_chi(key, features=32, bandwidth=3.0):
     def raw(x):
         return jnp.cos(w @ x + b) @ a
 
-    scale = jnp.max(jnp.linalg.norm(jax.vmap(raw)(_box_grid()), axis=1))
+    scale = jax.jit(lambda g: jnp.max(jnp.linalg.norm(jax.vmap(raw)(g), axis=1)))(_box_grid())
     return lambda x: raw(x) / scale
 
 
@@ -220,7 +220,7 @@ def plot(rec, nodes, generated, results, eps_list, chis):
     grid = grid.reshape(-1, 2)
     for row, name in enumerate(("smooth", "random")):
         ax = axes[row, 0]
-        c = np.asarray(jax.vmap(chis[name])(jnp.asarray(grid)))
+        c = np.asarray(jax.jit(jax.vmap(chis[name]))(jnp.asarray(grid)))
         ax.quiver(grid[:, 0], grid[:, 1], c[:, 0], c[:, 1], color="k", width=0.003)
         draw_moons(ax, nodes)
         moons_axes(ax, f"({'ab'[row]}) {name} score error $\\chi$ (sup norm 1)")

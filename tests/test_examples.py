@@ -96,6 +96,7 @@ def test_instability_vs_dimension(tmp_path):
     for row in res["dense_check"]:
         assert row["max_abs_diff_divergence_vs_density"] < 1e-5
         assert row["max_abs_diff_divergence_vs_sweep"] < 1e-2 * row["n"]
+    assert res["tolerance_check"]
     for row in res["tolerance_check"]:
         assert row["same_side_of_every_M"] and row["max_rel_diff"] < 1e-2
     # the control law, where delta is small, makes the bound informative
