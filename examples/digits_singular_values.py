@@ -74,9 +74,9 @@ def upsampled_digits(size: int) -> np.ndarray:
 def train_at_size(args, size: int):
     """`(field, info)`: a UNet trained at `size` x `size` as `_digits.py` trains the
     8x8 one, briefly (smaller batches and warm-up); cached under `args.cache`."""
-    mult = (1, 2) if size <= 16 else (1, 2, 2)
-    if args.quick:  # one level fewer, as the quick 8x8 model (`_digits.model_settings`)
-        mult = mult[:-1]
+    # the 8x8 model's levels (`_digits.model_settings`: one fewer under --quick), one
+    # more above 16 x 16
+    mult = args.multipliers + ((2,) if size > 16 else ())
     steps = args.big_train_steps
     field, info = train_unet(
         upsampled_digits(size),
