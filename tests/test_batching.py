@@ -96,7 +96,8 @@ def test_sharded_batch_equals_unsharded(tmp_path):
 
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags)
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
     )

@@ -39,9 +39,8 @@ def run_both(single, sharded):
     """The single-device run (`single`) and the sharded run (`sharded`, without the
     singular values, whose reverse-mode compile would double it) in one process
     with four virtual CPU devices: (what the single run printed, the sharded's)."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     argvs = [
         ["--quick", "--quiet", "--out", str(single), "--devices", "1"],
         ["--quick", "--quiet", "--out", str(sharded), "--singular-values", "0"],
