@@ -1,5 +1,6 @@
 """The API reference documents every public name once (`mkdocs build --strict`
-catches broken references, not missing ones)."""
+catches broken references, not missing ones), and the mathematics pages are
+LaTeX rendered by arithmatex and MathJax, not ASCII in code spans."""
 
 import collections
 import inspect
@@ -7,10 +8,13 @@ import pathlib
 import re
 import types
 
+import pytest
+
 import jaxflow as jf
 import jaxflow.diffusers as jfd
 
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "api"
 
 
 def _public(module, prefix, defined_in=None):
@@ -43,3 +47,38 @@ def test_every_public_name_is_documented_once():
     assert not missing, f"public names without an API entry in docs/api: {missing}"
     assert not twice, f"documented on several pages: {twice}"
     assert not unknown, f"API entries for names that are not public: {unknown}"
+
+
+# the pages whose formulas are LaTeX ($...$, $$...$$), rendered by MathJax
+MATH_PAGES = ["mathematics.md", "paper_000.md", "paper_002.md", "paper_003.md"]
+# what an ASCII formula in a code span looks like: a Greek letter or sqrt spelled
+# out, a hat or bar name, a power, an arrow, a comparison, "~" or a norm's bars.
+# Code spans for code (Python names, calls, CLI flags, paths) have none of these.
+_ASCII_MATH = re.compile(
+    r"\b(alpha|abar|beta|sigma|lambda|delta|eps|pi|mu|xi|chi|sqrt|Ebar|x0_bar"
+    r"|[A-Za-z]hat)\b|\^|->|<=|>=| ~ |\|"
+)
+# the one place that shows the docstrings' plain-text notation on purpose
+_ASCII_ON_PURPOSE = {"alpha'", "|u|"}
+
+
+def test_mathematics_is_latex_rendered_by_mathjax():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    extensions = {
+        next(iter(e)) if isinstance(e, dict) else e: e for e in config["markdown_extensions"]
+    }
+    assert extensions["pymdownx.arithmatex"]["pymdownx.arithmatex"] == {"generic": True}
+    scripts = config["extra_javascript"]
+    assert "javascripts/mathjax.js" in scripts and (ROOT / "docs/javascripts/mathjax.js").is_file()
+    assert any("mathjax@3" in script for script in scripts)
+    for name in MATH_PAGES:
+        text = (ROOT / "docs" / name).read_text()
+        text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # fenced code (bash)
+        ascii_math = [
+            span
+            for span in re.findall(r"`([^`\n]+)`", text)
+            if _ASCII_MATH.search(span) and span not in _ASCII_ON_PURPOSE
+        ]
+        assert not ascii_math, f"docs/{name}: write these formulas in LaTeX: {ascii_math}"
+        assert "$" in text, f"docs/{name} has no LaTeX"
