@@ -153,13 +153,29 @@ def _to_json(obj):
     return obj
 
 
+def make_out(out: str) -> None:
+    """Create the `--out` folder `out` (and its parents) if it is missing, or exit
+    with a one-line message, as for the examples' other bad arguments, when it
+    cannot be: a file there, a parent that is a file, no permission."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: a file, not a folder; pass a folder (created if missing).")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(
+            f"--out {out}: cannot create that folder ({error.strerror or error}); pass a "
+            "folder that can be written."
+        ) from None
+
+
 class Record:
-    """Collects settings and results; writes `<name>.json` beside the PNG."""
+    """Collects settings and results; writes `<name>.json` beside the PNG. Made
+    before any computation, by every example: it creates the `--out` folder."""
 
     def __init__(self, name: str, out: str, settings: dict):
         self.name = name
         self.out = out
-        os.makedirs(out, exist_ok=True)
+        make_out(out)
         self.start = time.perf_counter()
         self.data = {
             "settings": settings,

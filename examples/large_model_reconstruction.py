@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import equinox as eqx
 import jax
@@ -177,6 +178,64 @@ def append(path, entry):
         f.write(json.dumps(entry) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def drop_partial_line(path):
+    """Repair the JSONL file `path` before anything is appended to it: a run killed
+    while writing a record leaves its last line without a newline, and the next
+    record appended would be glued to that fragment (both lost, the image redone on
+    every rerun). A fragment is cut off, after being appended (with a newline) to
+    `<path>.dropped`, and a warning says so; a last line that is a whole JSON object
+    lacking only its newline (the kill came between the two) is kept, and given it.
+
+    **Returns:** the bytes cut off, `b""` when there were none (no file, an empty
+    one, or one ending in a newline)."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return b""
+    with f:
+        data = f.read()  # a record a line: the whole study is a few hundred kB
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        if not tail:
+            return b""
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:  # JSONDecodeError, or a UnicodeDecodeError mid-character
+            whole = False
+        if whole:
+            f.write(b"\n")
+        else:
+            # the copy first, synced: a kill between the two leaves the fragment in
+            # both files, never in neither
+            with open(f"{path}.dropped", "ab") as copy:
+                copy.write(tail + b"\n")
+                copy.flush()
+                os.fsync(copy.fileno())
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+    if whole:
+        return b""
+    warnings.warn(
+        f"{path} ended in a partial record ({len(tail)} bytes, cut short by a killed "
+        f"run): removed (kept in {path}.dropped), so that the records appended after it "
+        "stay readable; its image counts as not done.",
+        stacklevel=2,
+    )
+    return tail
+
+
+def open_store(out, jsonl, settings):
+    """The records already written under `out` (`read_records`), after repairing
+    this process's file `jsonl` (`drop_partial_line`) and starting it with a header
+    line if it has none."""
+    drop_partial_line(jsonl)
+    done = read_records(out, settings)
+    if not os.path.exists(jsonl) or os.path.getsize(jsonl) == 0:  # new, or its header cut
+        append(jsonl, {"header": settings})
+    return done
 
 
 # ---- the study of one image, batched ----------------------------------------------
@@ -379,9 +438,7 @@ def main(argv=None):
     jsonl = os.path.join(out, f"{NAME}{suffix}.jsonl")
     thumbs = os.path.join(out, f"{NAME}_images")
     os.makedirs(thumbs, exist_ok=True)
-    done = read_records(out, settings)
-    if not os.path.exists(jsonl):
-        append(jsonl, {"header": settings})
+    done = open_store(out, jsonl, settings)
     mine = [i for i in range(process, num, processes)]
     todo = [i for i in mine if i not in done]
     skipped = len(mine) - len(todo)

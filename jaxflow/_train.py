@@ -308,7 +308,7 @@ def _key_json(key: PRNGKeyArray) -> list:
 _RESERVED = ("step", "prng_key")  # the keys train writes into a checkpoint's config
 
 
-def _check_config(config: dict | None) -> dict:
+def _check_config(config: dict | None, batch_size: int) -> dict:
     """Check `train`'s `config` before any step: otherwise the first save, after
     `checkpoint_every` steps of compute, would be the first to fail.
 
@@ -316,8 +316,9 @@ def _check_config(config: dict | None) -> dict:
 
     **Raises:** `ValueError` when `config` is not a dict, uses a reserved key
     (`step`, `prng_key`: `train` writes them, and would overwrite the user's value
-    silently), has a key that is not a string, or a value that is not JSON (naming
-    its key and type).
+    silently), gives a `batch_size` other than `train`'s (`train` writes its own; the
+    same value, a run's settings as a user records them, is accepted), has a key
+    that is not a string, or a value that is not JSON (naming its key and type).
     """
     if config is None:
         return {}
@@ -328,6 +329,12 @@ def _check_config(config: dict | None) -> dict:
         raise ValueError(
             f"config uses the reserved key(s) {reserved}: train writes them into each "
             "checkpoint. Rename them, or drop them from a config read by jf.load_checkpoint."
+        )
+    if config.get("batch_size", batch_size) != batch_size:
+        raise ValueError(
+            f"config['batch_size'] is {config['batch_size']!r}, but batch_size={batch_size}: "
+            "train records the batch_size it trains with in each checkpoint. Drop the key "
+            "from config, or pass batch_size=config['batch_size']."
         )
     for key, value in config.items():
         if not isinstance(key, str):  # JSON would turn it into a string, unsaid
@@ -361,7 +368,34 @@ def _check_checkpoint_dir(directory: str) -> None:
         ) from e
 
 
-def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json):
+def _check_same_run(saved: dict, config: dict, checkpoint_dir) -> None:
+    """Refuse to resume a checkpoint (its JSON config `saved`) that a run with
+    another key or batch size wrote: its steps drew other batches, so carrying on
+    with this run's `config` would continue neither run, and the result would match
+    no straight run. A checkpoint without the record (one written before `train`
+    recorded `batch_size`) is resumed unchecked for it, and the checkpoints this run
+    writes record it.
+
+    **Raises:** `ValueError` naming the checkpoint's value, this run's, and the fix.
+    """
+    saved_key = saved.get("prng_key")
+    if saved_key is not None and saved_key != config["prng_key"]:
+        raise ValueError(
+            f"the checkpoint in {checkpoint_dir} was written by a run with key data "
+            f"{saved_key}, not {config['prng_key']}: resuming with another key would "
+            "not continue that run. Pass its key, or start in a new checkpoint_dir."
+        )
+    saved_batch = saved.get("batch_size")
+    if saved_batch is not None and saved_batch != config["batch_size"]:
+        raise ValueError(
+            f"the checkpoint in {checkpoint_dir} was written by a run with "
+            f"batch_size={saved_batch}, not {config['batch_size']}: its steps drew batches "
+            f"of {saved_batch}, so resuming with another batch size would not continue "
+            f"that run. Pass batch_size={saved_batch}, or start in a new checkpoint_dir."
+        )
+
+
+def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, config):
     """The state to start from: the newest checkpoint in `manager` that restores, if
     there is one, else step 0 (weights `params`, the EMA equal to them, a fresh
     optimiser state).
@@ -369,10 +403,9 @@ def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json):
     **Returns:** `(state, failures)`: the `TrainState`, and the `(step, cause)` of
     each newer checkpoint that did not restore.
 
-    **Raises:** `ValueError` when the checkpoint was written with another key (its
-    steps drew other batches, so carrying on with this key would not continue it),
-    for another model or optimiser, or when no checkpoint restores
-    (`_restore_newest`).
+    **Raises:** `ValueError` when the checkpoint was written with another key or
+    batch size (`_check_same_run`), for another model or optimiser, or when no
+    checkpoint restores (`_restore_newest`).
     """
     fresh = TrainState(params, params, optimiser.init(params), jnp.asarray(0))
     if manager is None:
@@ -383,13 +416,7 @@ def _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json):
     )
     if latest is None:
         return fresh, []
-    saved_key = restored.config.get("prng_key")
-    if saved_key is not None and saved_key != key_json:
-        raise ValueError(
-            f"the checkpoint in {checkpoint_dir} was written by a run with key data "
-            f"{saved_key}, not {key_json}: resuming with another key would "
-            "not continue that run. Pass its key, or start in a new checkpoint_dir."
-        )
+    _check_same_run(restored.config, config, checkpoint_dir)
     params, ema = jax.tree.map(jnp.asarray, restored.weights)
     opt_state = jax.tree.map(jnp.asarray, restored.optimiser)
     return TrainState(params, ema, opt_state, jnp.asarray(latest)), failures
@@ -572,7 +599,8 @@ def train(
       losses; one past it raises.
     - `key`: step `i` uses `fold_in(key, i)` for its batch and its loss.
     - `optimiser`: an optax transformation (default Adam, learning rate 1e-3).
-    - `batch_size`, `ema_decay`: minibatch size and EMA decay.
+    - `batch_size`, `ema_decay`: minibatch size and EMA decay. The batch size is
+      recorded in each checkpoint, and a resumed run must use the same one.
     - `chunk`: steps between host synchronisations: the progress report and the
       NaN check run after each chunk.
     - `checkpoint_dir`: if given, an orbax checkpoint is written every
@@ -582,7 +610,8 @@ def train(
       `<step>.unrestorable` so that the run can write that step anew.
     - `config`: a JSON-able dict saved with each checkpoint (the run's settings),
       checked before the first step; `step` and `prng_key` are reserved (`train`
-      writes them).
+      writes them), and so is `batch_size`, which `train` writes too (a config that
+      gives it must give this run's).
     - `progress`: report the steps done and the loss after each chunk, on stderr: a
       tqdm bar with an ETA when tqdm is installed and stderr is a terminal, else a
       plain line a chunk (readable in logs and CI).
@@ -593,23 +622,25 @@ def train(
     **Raises:** `ValueError`, before any step, for bad data or settings (`steps`,
     `batch_size`, `chunk` and `checkpoint_every` must be positive ints; `config` a
     JSON-able dict without the reserved keys; `checkpoint_dir` a writable
-    directory), or when `checkpoint_dir` holds a run started with another key, a
-    model of other shapes, another optimiser's state, a step past `steps`, or no
-    checkpoint that restores (each step and its error named); `FloatingPointError`
-    when the loss is not finite, leaving the last good checkpoint in place.
+    directory), or when `checkpoint_dir` holds a run started with another key or
+    another `batch_size` (a checkpoint written before `train` recorded the batch
+    size resumes unchecked for it), a model of other shapes, another optimiser's
+    state, a step past `steps`, or no checkpoint that restores (each step and its
+    error named); `FloatingPointError` when the loss is not finite, leaving the last
+    good checkpoint in place.
     """
     data, steps, batch_size, chunk, checkpoint_every = _check_arguments(
         model, loss_fn, data, key, steps, batch_size, chunk, checkpoint_every, ema_decay
     )
     optimiser = optax.adam(1e-3) if optimiser is None else optimiser
     params, static = eqx.partition(model, eqx.is_array)
-    key_json = _key_json(key)
-    config = dict(_check_config(config), prng_key=key_json)
+    # what a resumed run must share with the run that wrote the checkpoint
+    config = dict(_check_config(config, batch_size), prng_key=_key_json(key), batch_size=batch_size)
     ocp, manager = None, None
     if checkpoint_dir is not None:
         _check_checkpoint_dir(checkpoint_dir)
         ocp, manager = _checkpoint_manager(checkpoint_dir)
-    state, failures = _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, key_json)
+    state, failures = _restore_or_init(params, optimiser, ocp, manager, checkpoint_dir, config)
     _check_not_past(int(state.step), steps, checkpoint_dir)
     if failures:
         _set_aside(manager, checkpoint_dir, failures, int(state.step))
@@ -650,8 +681,9 @@ def load_checkpoint(directory: str, model: eqx.Module) -> tuple[eqx.Module, eqx.
       network). The optimiser state is not read, so no optimiser is needed.
 
     **Returns:** `(model, ema, step, config)`: the weights and their EMA as models,
-    the step the checkpoint was written at, and the run's config (with `step` and
-    `prng_key`).
+    the step the checkpoint was written at, and the run's config (with `step`,
+    `prng_key` and, from a checkpoint written since `train` records it,
+    `batch_size`).
 
     **Raises:** `ValueError` when `directory` is not a directory (it is not created),
     holds no checkpoint or none that restores (each step and its error named), or

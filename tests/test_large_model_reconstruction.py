@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -55,6 +56,16 @@ def run_both(single, sharded):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _, printed_single, printed_sharded = done.stdout.split("@@run\n")
     return printed_single, printed_sharded
+
+
+def example():
+    """The example script as a module (its functions, without running it)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import large_model_reconstruction
+    finally:
+        sys.path.pop(0)
+    return large_model_reconstruction
 
 
 def run_here(out, *extra):
@@ -151,6 +162,23 @@ def _rerun_resumes_and_refuses_a_changed_study(quick, tmp_path):
     assert "steps: 8 there, 9 now" in refused.code and "new --out" in refused.code
     assert read(again)[1] == lines
 
+    # the last record cut mid-line, as a kill during its write leaves it: the rerun
+    # (of the three images before it, which computes nothing) cuts the fragment off
+    # before appending anything, keeps it aside and says so
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    jsonl = cut / f"{NAME}.jsonl"
+    whole = jsonl.read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    assert json.loads(last)["index"] == 3
+    jsonl.write_bytes(whole[: len(whole) - len(last) // 2])
+    with pytest.warns(UserWarning, match="ended in a partial record"):
+        printed, error = run_here(cut, "--num-images", "3")
+    assert error is None and "0 of 3 images to do (3 already recorded)" in printed
+    assert read(cut)[1] == lines[:-1]  # every line whole again
+    dropped = (cut / f"{NAME}.jsonl.dropped").read_bytes()
+    assert dropped == last[: len(last) - len(last) // 2 + 1] + b"\n"
+
 
 def _sharded_run_gives_the_same_records(quick, tmp_path, printed):
     _, _, lines = quick
@@ -167,6 +195,63 @@ def _sharded_run_gives_the_same_records(quick, tmp_path, printed):
         np.testing.assert_allclose(r["E_fd"], s["E_fd"], rtol=1e-3)
         np.testing.assert_allclose(r["exponents"], s["exponents"], rtol=1e-4, atol=1e-6)
         assert "singular_values" not in r
+
+
+STUDY = dict(model="sd3-tiny", size=64, steps=8, solver="euler", seed=0, num_images=4, quick=True)
+
+
+def _entry(index):
+    return dict(
+        index=index,
+        id=f"china.jpg#{index}",
+        ok=True,
+        errors={},
+        R=0.0123 * (index + 1),
+        PSNR=31.5,
+        E_fd=1.25,
+        E_jvp=1.2501,
+        exponents=[0.01, -0.02],
+        seconds=dict(encode=0.5, solves=3.25, batch_wall=4.5),
+    )
+
+
+def test_a_last_line_cut_at_any_byte_is_repaired_before_appending(tmp_path, monkeypatch):
+    """A killed run's last line cut at every byte offset (of a record, and of the
+    header when it is the only line): resuming cuts the fragment off, keeps it in
+    `.dropped` and warns, so that the record appended next reads back; a whole
+    record that lacks only its newline is kept; a whole file is left as it is."""
+    lm = example()
+    # about 3 ms a sync, three a cut, 450 cuts: durability is not what is tested here
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    jsonl = tmp_path / f"{NAME}.jsonl"
+    dropped = tmp_path / f"{NAME}.jsonl.dropped"
+    new = _entry(9)
+    for records in ([], [_entry(0), _entry(1)]):
+        jsonl.unlink(missing_ok=True)
+        for entry in [{"header": STUDY}, *records]:
+            lm.append(str(jsonl), entry)
+        whole = jsonl.read_bytes()
+        last = whole[whole.rstrip(b"\n").rfind(b"\n") + 1 :]  # with its newline
+        before = whole[: len(whole) - len(last)]
+        for k in range(len(last) + 1):
+            jsonl.write_bytes(before + last[:k])
+            dropped.unlink(missing_ok=True)
+            partial = 0 < k < len(last) - 1  # len(last) - 1: a whole record, no newline
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                done = lm.open_store(str(tmp_path), str(jsonl), STUDY)
+            expected = {r["index"]: r for r in records[: -1 if partial or k == 0 else None]}
+            assert done == expected, k
+            messages = [str(w.message) for w in caught]
+            if partial:
+                assert len(messages) == 1 and "ended in a partial record" in messages[0], k
+                assert dropped.read_bytes() == last[:k] + b"\n", k
+            else:
+                assert not messages and not dropped.exists(), k
+            lm.append(str(jsonl), new)
+            lines = [json.loads(line) for line in jsonl.read_bytes().splitlines()]
+            assert lines == [{"header": STUDY}, *expected.values(), new], k
+            assert lm.read_records(str(tmp_path), STUDY) == {**expected, 9: new}, k
 
 
 def test_lyapunov_step_map_is_the_generation_solvers_step(tmp_path):

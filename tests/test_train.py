@@ -2,6 +2,7 @@
 non-finite loss)."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -348,6 +349,59 @@ def test_a_checkpoint_of_another_model_or_optimiser_raises(setup, run20, change,
     assert sorted(os.listdir(run20[0])) == ["10", "20"]
 
 
+def _no_step(*args):
+    raise AssertionError("a step ran")
+
+
+def test_a_checkpoint_of_another_batch_size_raises(setup, run20, monkeypatch):
+    """A run checkpointed with batch_size=64, resumed with 256: its steps drew
+    batches of 64, so carrying on with 256 would continue no run. Refused before
+    any step, as another key is; the checkpoint records the size and is unchanged."""
+    data, model = setup
+    assert jf.load_checkpoint(run20[0], model)[3]["batch_size"] == _RUN20["batch_size"] == 64
+    monkeypatch.setattr(_train, "_run_chunk", _no_step)
+    match = (
+        f"checkpoint in {re.escape(run20[0])} was written by a run with batch_size=64, "
+        "not 256: .*Pass batch_size=64, or start in a new checkpoint_dir"
+    )
+    with pytest.raises(ValueError, match=match):
+        jf.train(
+            model,
+            _loss,
+            data,
+            steps=30,
+            checkpoint_dir=run20[0],
+            progress=False,
+            **dict(_RUN20, batch_size=256),
+        )
+    assert sorted(os.listdir(run20[0])) == ["10", "20"]
+
+
+def test_a_checkpoint_without_the_batch_size_record_still_resumes(setup, run20, tmp_path):
+    """A checkpoint written before `train` recorded its batch size: read by
+    `load_checkpoint`, and resumed by `train` at any batch size (nothing to check it
+    against), without a warning."""
+    data, model = setup
+    directory = _copy(run20, tmp_path)
+    for step in ("10", "20"):
+        path = os.path.join(directory, step, "config", "metadata")
+        with open(path) as f:
+            config = json.load(f)
+        del config["batch_size"]
+        with open(path, "w") as f:
+            json.dump(config, f)
+    _, _, step, config = _no_jaxflow_warning(jf.load_checkpoint, directory, model)
+    assert step == 20 and "batch_size" not in config
+    kwargs = dict(_RUN20, batch_size=256)
+    done = _no_jaxflow_warning(
+        lambda: jf.train(
+            model, _loss, data, steps=20, checkpoint_dir=directory, progress=False, **kwargs
+        )
+    )
+    assert done.step == 20 and done.losses.shape == (0,)
+    _assert_same_state(done.state, run20[2].state)
+
+
 def test_fewer_steps_than_the_checkpoint(setup, run20, tmp_path):
     """steps below the checkpoint's raises; equal to it returns it, with no losses."""
     data, model = setup
@@ -366,17 +420,14 @@ def test_fewer_steps_than_the_checkpoint(setup, run20, tmp_path):
         (dict(opt=dict(betas=jnp.ones(2))), "config\\['opt'\\] \\(a dict\\) is not JSON"),
         (dict(step=3), "reserved key\\(s\\) \\['step'\\]"),
         (dict(prng_key=[0, 1]), "reserved key\\(s\\) \\['prng_key'\\]"),
+        (dict(batch_size=32), "config\\['batch_size'\\] is 32, but batch_size=256: .*Drop"),
         ({1: 2}, "config keys must be strings, got 1"),
     ],
 )
 def test_a_bad_config_raises_before_any_step(setup, tmp_path, monkeypatch, config, match):
     """Checked before anything runs or is written (not at the first save)."""
     data, model = setup
-
-    def no_step(*args):
-        raise AssertionError("a step ran")
-
-    monkeypatch.setattr(_train, "_run_chunk", no_step)
+    monkeypatch.setattr(_train, "_run_chunk", _no_step)
     directory = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=match):
         jf.train(
