@@ -502,8 +502,8 @@ def _port(family: str, config: dict, dtype_name: str, device: str):
 
 def _field(family: str, port, inp: dict, size: int):
     """What `model.field(prompt_embeds=..., pooled_prompt_embeds=..., height=size,
-    width=size)` returns (one transformer pass per evaluation: no CFG for SD3
-    given embeddings; FLUX's distilled guidance 3.5)."""
+    width=size, guidance_scale=1)` returns for SD3 (one transformer pass per
+    evaluation, no CFG), and for FLUX with its distilled guidance 3.5."""
     import jax.numpy as jnp
 
     import jaxflow as jf

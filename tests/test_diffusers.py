@@ -532,3 +532,168 @@ def test_every_analysis_runs_on_a_ported_model(flux):
     exponents = np.asarray(spectrum.exponents)
     assert exponents.shape == (2,) and np.all(np.isfinite(exponents))
     assert exponents[0] >= exponents[1]
+
+
+# ---- issue 26: no silent wrong number ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_unsaved():
+    """The tiny SD3 pipeline (the `sd3` fixture's weights) without text encoders,
+    never written by `save_pretrained`, which adds `_class_name` to the config of
+    the object it saves."""
+    return sd3_pipeline(0, text_encoders=False)
+
+
+@pytest.fixture(scope="module")
+def sd3_bare(sd3_unsaved):
+    """The tiny SD3 from its transformer object alone: no text encoders, no VAE."""
+    return jfd.load(sd3_unsaved.transformer, prompt_cache=None)
+
+
+def _same_leaves(a, b) -> None:
+    leaves_a = jax.tree.leaves(eqx.filter(a, eqx.is_array))
+    leaves_b = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_guidance_with_prompt_embeds_is_never_dropped(sd3, flux, sd3_bare):
+    """SD3: embeddings with `guidance_scale` guide against `negative_prompt` (`""`),
+    as diffusers does, giving the very field of the text prompt; a model that
+    cannot encode it refuses. FLUX's distilled guidance is an input either way."""
+    _, _, model = sd3
+    size = dict(height=SIZE, width=SIZE, max_sequence_length=SEQ)
+    context, pooled = model.encode_prompt("a photo of a cat", max_sequence_length=SEQ)
+    embeds = dict(prompt_embeds=context, pooled_prompt_embeds=pooled)
+    from_text = model.field("a photo of a cat", guidance_scale=4.0, **size)
+    from_embeds = model.field(guidance_scale=4.0, **embeds, **size)
+    assert from_embeds.network.guidance_scale is not None  # two passes
+    _same_leaves(from_embeds, from_text)
+    # embeddings equal to the negative prompt's: guidance changes nothing, one pass
+    null = model.encode_prompt("", max_sequence_length=SEQ)
+    one_pass = model.field(prompt_embeds=null[0], pooled_prompt_embeds=null[1], **size)
+    assert one_pass.network.guidance_scale is None
+    # the null prompt encoded at another length than the embeddings': name the fix
+    with pytest.raises(ValueError, match=f"max_sequence_length={SEQ}"):
+        model.field(guidance_scale=4.0, height=SIZE, width=SIZE, **embeds)
+    # no text encoders: refuse, naming what to pass
+    with pytest.raises(ValueError, match="negative_prompt_embeds=.*guidance_scale=1"):
+        sd3_bare.field(guidance_scale=7.0, **embeds, **size)
+    unguided = sd3_bare.field(guidance_scale=1.0, **embeds, **size)
+    assert unguided.network.guidance_scale is None
+    # FLUX-dev: the distilled guidance goes in with embeddings as with text
+    fmodel = flux[2]
+    fcontext, fpooled = fmodel.encode_prompt("a red cat", max_sequence_length=SEQ)
+    fsize = dict(height=SIZE, width=SIZE, guidance=2.5)
+    ftext = fmodel.field("a red cat", max_sequence_length=SEQ, **fsize)
+    fembeds = fmodel.field(prompt_embeds=fcontext, pooled_prompt_embeds=fpooled, **fsize)
+    assert float(fembeds.network.guidance) == 2.5
+    _same_leaves(fembeds, ftext)
+
+
+def test_non_finite_prompt_embeddings_are_refused(sd3, flux):
+    _, _, model = sd3
+    context, pooled = model.encode_prompt("", max_sequence_length=SEQ)
+    bad = np.array(context)
+    bad[3, 1] = np.nan
+    size = dict(height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="prompt_embeds.*1 of .* not finite"):
+        model.field(prompt_embeds=bad, pooled_prompt_embeds=pooled, **size)
+    inf = np.array(pooled)
+    inf[0] = np.inf
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds"):
+        model.field(
+            prompt_embeds=context,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=context,
+            negative_pooled_prompt_embeds=inf,
+            guidance_scale=3.0,
+            **size,
+        )
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        model.field(prompt_embeds=context, pooled_prompt_embeds=pooled, guidance_scale=np.nan)
+    fcontext, fpooled = flux[2].encode_prompt("", max_sequence_length=SEQ)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds"):
+        flux[2].field(prompt_embeds=fcontext, pooled_prompt_embeds=fpooled * np.nan, **size)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        flux[2].field(prompt_embeds=fcontext, pooled_prompt_embeds=fpooled, guidance=np.inf)
+
+
+def _transformer_folder(folder, tensors: dict) -> None:
+    from jaxflow.diffusers import _safetensors
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(jfd.transformer_config("tiny-sd3")))
+    _safetensors.write(folder / "diffusion_pytorch_model.safetensors", tensors)
+
+
+def test_corrupt_safetensors_name_the_file_the_tensor_and_the_fix(tmp_path):
+    tensors = {"a.weight": np.ones((4, 8), np.float32), "b.weight": np.ones((32, 128), np.float32)}
+    _transformer_folder(tmp_path / "cut", tensors)
+    file = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
+    raw = file.read_bytes()
+    file.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated") as error:
+        jfd.load(tmp_path / "cut", prompt_cache=None)
+    message = str(error.value)
+    assert str(file) in message and "'b.weight'" in message
+    assert f"expected {len(raw)} bytes, found {len(raw) // 2}" in message
+    assert "download" in message
+    _transformer_folder(tmp_path / "garbage", tensors)
+    file = tmp_path / "garbage" / "diffusion_pytorch_model.safetensors"
+    file.write_bytes((20).to_bytes(8, "little") + b"<html>not found</html>" + raw[30:])
+    with pytest.raises(ValueError, match="not a safetensors header") as error:
+        jfd.load(tmp_path / "garbage", prompt_cache=None)
+    assert str(file) in str(error.value) and "download" in str(error.value)
+    file.write_bytes(b"<!DOCTYPE html><html>" + raw[21:])  # a length beyond the file
+    with pytest.raises(ValueError, match="not a safetensors"):
+        jfd.load(tmp_path / "garbage", prompt_cache=None)
+
+
+def test_save_load_round_trip_from_every_source(sd3, flux, sd3_unsaved, sd3_bare, tmp_path):
+    _, folder, model = sd3
+    pipe = sd3_unsaved
+    assert "_class_name" not in pipe.transformer.config  # as a user's pipeline object
+    sources = {
+        "pipeline": pipe,
+        "transformer_object": pipe.transformer,
+        "pipeline_folder": folder,
+        "transformer_folder": folder / "transformer",
+    }
+    for name, source in sources.items():
+        loaded = sd3_bare if name == "transformer_object" else jfd.load(source, prompt_cache=None)
+        loaded.save(tmp_path / name)
+        back = jfd.load(tmp_path / name)
+        assert isinstance(back, jfd.SD3Model)
+        _same_leaves(back.transformer, model.transformer)
+        assert back.scheduler_config["shift"] == 3.0
+        # and a saved folder saved again
+        back.save(tmp_path / f"{name}_again")
+        _same_leaves(jfd.load(tmp_path / f"{name}_again").transformer, model.transformer)
+    assert (tmp_path / "pipeline" / "vae" / "config.json").exists()
+    # FLUX, and a folder saved before the class name was written
+    flux[2].save(tmp_path / "flux")
+    config_file = tmp_path / "flux" / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if k != "_class_name"}))
+    back = jfd.load(tmp_path / "flux")
+    assert isinstance(back, jfd.FluxModel)
+    _same_leaves(back.transformer, flux[2].transformer)
+
+
+def test_decode_size_follows_the_points(sd3):
+    _, _, model = sd3
+    z = np.random.default_rng(0).standard_normal(16 * 8 * 8).astype(np.float32)
+    model.field(height=64, width=64, max_sequence_length=SEQ)
+    assert model.decode(np.stack([z, z])).shape == (2, 64, 64, 3)
+    wide = np.zeros(16 * 8 * 16, np.float32)
+    assert model.decode(wide, height=64).shape == (64, 128, 3)  # width from the points
+    with pytest.raises(ValueError, match="height=.*width="):
+        model.decode(np.zeros(16 * 2 * 2, np.float32))  # no field of this size
+    # two fields of one latent size, two aspect ratios: ask which
+    model.field(height=SIZE, width=SIZE, max_sequence_length=SEQ)
+    model.field(height=64, width=256, max_sequence_length=SEQ)
+    with pytest.raises(ValueError, match="128 x 128.*64 x 256|64 x 256.*128 x 128"):
+        model.decode(np.zeros(16 * 16 * 16, np.float32))

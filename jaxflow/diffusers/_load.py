@@ -38,6 +38,7 @@ _DEFAULT_SCHEDULERS = {
         "max_image_seq_len": 4096,
     },
 }
+_CLASS_NAMES = {model_cls.architecture: name for name, (_, model_cls) in _ARCHITECTURES.items()}
 _SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 _SAVED = "jaxflow_model.json"
 
@@ -54,6 +55,13 @@ def _architecture(class_name):
 def _clean(config) -> dict:
     """A config as a plain JSON-able dict (diffusers' FrozenDict, tuples as lists)."""
     return json.loads(json.dumps(dict(config), default=list))
+
+
+def _module_config(module) -> dict:
+    """A loaded module's config with its `_class_name`, as its `config.json` would
+    hold it: diffusers adds the name only when it writes the file, and a folder
+    written by `model.save` is read back by that name."""
+    return {"_class_name": type(module).__name__, **_clean(module.config)}
 
 
 def _read_json(file: pathlib.Path) -> dict:
@@ -232,7 +240,7 @@ def _load_object(obj, dtype, cache):
         vae = getattr(obj, "vae", None)
         return model_cls(
             port.from_diffusers(module.config, state_dict_numpy(module), dtype=dtype),
-            _clean(module.config),
+            _module_config(module),
             type(obj.scheduler).__name__,
             _clean(obj.scheduler.config),
             None if vae is None else _clean(vae.config),
@@ -244,7 +252,7 @@ def _load_object(obj, dtype, cache):
         port, model_cls = _architecture(type(obj).__name__)
         return model_cls(
             port.from_diffusers(obj.config, state_dict_numpy(obj), dtype=dtype),
-            _clean(obj.config),
+            _module_config(obj),
             _SCHEDULER,
             dict(_DEFAULT_SCHEDULERS[model_cls.architecture]),
             None,
@@ -276,6 +284,8 @@ class _VaeOnly:
 def _load_saved(path: pathlib.Path, dtype):
     meta = _read_json(path / _SAVED)
     config = _read_json(path / "transformer" / "config.json")
+    # a folder saved from a loaded object before the class name was recorded
+    config.setdefault("_class_name", _CLASS_NAMES.get(meta.get("architecture")))
     port, model_cls = _architecture(config.get("_class_name"))
     weights = _folder_weights(path / "transformer")
     loader = None
@@ -309,8 +319,10 @@ def save_model(model: AbstractDiffusersModel, path: pathlib.Path) -> None:
         path / "transformer" / "diffusion_pytorch_model.safetensors",
         {name: np.asarray(array) for name, array in model.components.weights().items()},
     )
+    # the class name `jfd.load` reads the folder by (a model built by hand may lack it)
+    config = {"_class_name": _CLASS_NAMES[model.architecture], **model.config}
     with open(path / "transformer" / "config.json", "w") as f:
-        json.dump(model.config, f, indent=1)
+        json.dump(config, f, indent=1)
     prompts = path / "prompt_embeddings"
     prompts.mkdir(exist_ok=True)
     for (prompt, length), (context, pooled) in model.components.prompts.items():

@@ -11,6 +11,7 @@ import pathlib
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
@@ -42,6 +43,9 @@ class Components:
         # the checkpoint's transformer weights, re-read when the model is saved
         self.weights = weights
         self.prompts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        # the latent shapes of the fields built and the images encoded, in order:
+        # `decode` finds the size of flat latents among them
+        self.shapes: dict[tuple[int, int, int], None] = {}
 
     @property
     def available(self) -> bool:
@@ -189,11 +193,15 @@ class AbstractDiffusersModel(eqx.Module):
             memory[mem_key] = (context, pooled)
         return jnp.asarray(context, jnp.float32), jnp.asarray(pooled, jnp.float32)
 
-    def _embeddings(self, prompt, context, pooled, max_sequence_length):
+    def _embeddings(self, prompt, context, pooled, max_sequence_length, prefix=""):
+        """The embeddings `(context, pooled)` given, or those of `prompt`, checked:
+        one prompt, finite. `prefix` is `"negative_"` for the negative ones."""
+        names = (f"{prefix}prompt_embeds", f"{prefix}pooled_prompt_embeds")
         if (context is None) != (pooled is None):
-            raise ValueError("give prompt_embeds and pooled_prompt_embeds together.")
+            raise ValueError(f"give {names[0]} and {names[1]} together.")
         if context is None:
-            return self.encode_prompt(prompt, max_sequence_length=max_sequence_length)
+            context, pooled = self.encode_prompt(prompt, max_sequence_length=max_sequence_length)
+            names = (f"the context embeddings of {prompt!r}", f"the pooled ones of {prompt!r}")
         context, pooled = jnp.asarray(context), jnp.asarray(pooled)
         if context.ndim == 3 and context.shape[0] == 1:
             context = context[0]
@@ -201,10 +209,10 @@ class AbstractDiffusersModel(eqx.Module):
             pooled = pooled[0]
         if context.ndim != 2 or pooled.ndim != 1:
             raise ValueError(
-                "prompt_embeds must have shape (l, d) and pooled_prompt_embeds (p,) "
+                f"{names[0]} must have shape (l, d) and {names[1]} (p,) "
                 f"(one prompt), got {context.shape} and {pooled.shape}."
             )
-        return context, pooled
+        return _finite(names[0], context), _finite(names[1], pooled)
 
     # ---- the field --------------------------------------------------------
     @abc.abstractmethod
@@ -233,7 +241,7 @@ class AbstractDiffusersModel(eqx.Module):
         """
         torch = require("torch")
         batch, single = _images_array(images)
-        self.latent_shape(batch.shape[1], batch.shape[2])
+        self.components.shapes[self.latent_shape(batch.shape[1], batch.shape[2])] = None
         vae = self._vae("encode")
         x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         x = (2.0 * x - 1.0).to(dtype=next(vae.parameters()).dtype)
@@ -253,15 +261,26 @@ class AbstractDiffusersModel(eqx.Module):
     ) -> np.ndarray:
         """Flat latents back to images `(H, W, 3)` or `(B, H, W, 3)` in `[0, 1]`
         (float32 NumPy): `latents / scaling_factor + shift_factor`, the VAE's
-        decoder, clipped. `height, width` are the image's (the default size when
-        `None`)."""
+        decoder, clipped.
+
+        `height, width` are the image's. Flat latents do not fix the aspect ratio,
+        so where they are left out the size follows the points: the one size,
+        among the fields this model built, the images it encoded and its default
+        size, whose latents have the points' length; given one of the two, the
+        other follows from that length. A `ValueError` asks for `height=` and
+        `width=` where no size, or more than one, fits.
+        """
         torch = require("torch")
-        shape = self.latent_shape(height, width)
         # a copy: torch refuses to wrap a read-only view of a JAX array
         latents = np.array(latents, dtype=np.float32)
         single = latents.ndim == 1
         latents = latents[None] if single else latents
-        if latents.ndim != 2 or latents.shape[1] != np.prod(shape):
+        if latents.ndim != 2:
+            raise ValueError(
+                f"latents of shape {latents.shape}: give flat latents (n,) or a batch (B, n)."
+            )
+        shape = self._decode_shape(latents.shape[1], height, width)
+        if latents.shape[1] != np.prod(shape):
             raise ValueError(
                 f"latents of shape {latents.shape} for images of latent shape {shape}: "
                 f"give (n,) or (B, n) with n = {int(np.prod(shape))}, and the height and "
@@ -274,6 +293,51 @@ class AbstractDiffusersModel(eqx.Module):
             image = vae.decode(z.to(dtype=next(vae.parameters()).dtype)).sample.float()
         image = ((image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         return image[0] if single else image
+
+    def _decode_shape(self, n: int, height, width) -> tuple[int, int, int]:
+        """The latent shape of flat latents of length `n`: see `decode`."""
+        if height is not None and width is not None:
+            return self.latent_shape(height, width)
+        c, f = self.latent_channels, self.vae_scale_factor
+        if height is not None or width is not None:
+            given = height if height is not None else width
+            _, cells, _ = self.latent_shape(given, given)  # checks the size given
+            other, rest = divmod(n, c * cells)
+            if rest or other == 0:
+                name = "height" if height is not None else "width"
+                raise ValueError(
+                    f"latents of length {n} are no image with {name}={given}: n = {c} "
+                    f"(height / {f}) (width / {f}); give the height and width the "
+                    "latents were encoded at."
+                )
+            other *= f
+            return self.latent_shape(*((given, other) if height is not None else (other, given)))
+        candidates = [*self.components.shapes, self.latent_shape()]
+        fits = list(dict.fromkeys(s for s in candidates if int(np.prod(s)) == n))
+        if len(fits) == 1:
+            return fits[0]
+
+        def size(shape):
+            return f"{shape[1] * f} x {shape[2] * f}"
+
+        if fits:
+            raise ValueError(
+                f"latents of length {n} fit images of {' and of '.join(map(size, fits))} "
+                "(fields this model built or images it encoded, or its default size): "
+                "give decode(..., height=..., width=...)."
+            )
+        side = np.sqrt(n / c)
+        square = (
+            f" (height={int(side) * f}, width={int(side) * f} for a square image)"
+            if side == int(side)
+            else ""
+        )
+        raise ValueError(
+            f"latents of length {n}: no field this model built, no image it encoded and "
+            f"not its default size {size(self.latent_shape())} has latents of that length, "
+            f"and flat latents do not fix the aspect ratio: give decode(..., height=..., "
+            f"width=...), the image size with n = {c} (height / {f}) (width / {f}){square}."
+        )
 
     # ---- saving -----------------------------------------------------------
     def save(self, path) -> None:
@@ -322,6 +386,39 @@ def _one_image(image) -> np.ndarray:
     return array
 
 
+def _finite(name: str, x: Array) -> Array:
+    """`x`, refused where an entry is NaN or infinite: such embeddings make every
+    velocity NaN, which an analysis would then blame on the field."""
+    if isinstance(x, jax.core.Tracer):  # a field built under a transformation
+        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} are not all finite.")
+    values = np.asarray(x)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {values.size} values are not finite "
+            f"({values[where]} at index {where}); recompute the embeddings (a text "
+            "encoder in float16 can overflow: run it in float32 or bfloat16), or give "
+            "the text (prompt= or negative_prompt=) to encode it here."
+        )
+    return x
+
+
+def _finite_scalar(name: str, value) -> None:
+    if isinstance(value, jax.core.Tracer):
+        return
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.number) or not np.isfinite(array):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
+def _equal(a: Array, b: Array) -> bool:
+    """Whether two concrete arrays are equal (`False` under a transformation)."""
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    return a.shape == b.shape and bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
 class SD3Model(AbstractDiffusersModel):
     """Stable Diffusion 3 / 3.5 (Medium, Large): the MMDiT in JAX, VAE and text
     encoders (CLIP-L, CLIP-G, T5) in PyTorch. Built by `jfd.load`."""
@@ -360,7 +457,7 @@ class SD3Model(AbstractDiffusersModel):
         *,
         height: int | None = None,
         width: int | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str | None = "",
         guidance_scale: float = 7.0,
         prompt_embeds=None,
         pooled_prompt_embeds=None,
@@ -381,7 +478,13 @@ class SD3Model(AbstractDiffusersModel):
           the prompt equal to the negative prompt, the null prompt's case), two
           otherwise.
         - `prompt_embeds`, `pooled_prompt_embeds` (and the negative ones):
-          embeddings computed elsewhere instead of the text encoders.
+          embeddings computed elsewhere instead of the text encoders; finite, or a
+          `ValueError` names the argument. Without negative embeddings, guidance is
+          against `negative_prompt` (`""`) as in diffusers, encoded at
+          `max_sequence_length`, which must then be the length `prompt_embeds` was
+          encoded at; a model without text encoders and without that prompt
+          cached refuses (pass the negative embeddings, or `guidance_scale=1`)
+          rather than drop the guidance.
         - `max_sequence_length`: T5 tokens (default 256, the pipeline's).
 
         **Returns:** a field; its points are latents `(c, h, w)` flattened.
@@ -390,27 +493,59 @@ class SD3Model(AbstractDiffusersModel):
         context, pooled = self._embeddings(
             prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length
         )
-        guided = float(guidance_scale) != 1.0
-        if negative_prompt_embeds is None and negative_pooled_prompt_embeds is None:
-            guided = guided and prompt_embeds is None and negative_prompt != prompt
-            negative = (
-                self.encode_prompt(negative_prompt, max_sequence_length=max_sequence_length)
-                if guided
-                else (None, None)
-            )
-        else:
+        _finite_scalar("guidance_scale", guidance_scale)
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        negative = None
+        if float(guidance_scale) == 1.0:
+            pass  # v_u + 1 (v_c - v_u) = v_c: one pass, whatever the negative
+        elif negative_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
             negative = self._embeddings(
-                None, negative_prompt_embeds, negative_pooled_prompt_embeds, None
+                None, negative_prompt_embeds, negative_pooled_prompt_embeds, None, "negative_"
             )
-        network = SD3Velocity(
-            self.transformer,
-            context,
-            pooled,
-            shape,
-            *(negative if guided else (None, None)),
-            jnp.asarray(guidance_scale, jnp.float32) if guided else None,
-        )
+        elif prompt_embeds is not None or negative_prompt != prompt:
+            # as diffusers: embeddings without negative ones guide against
+            # `negative_prompt`, `""` by default, never against nothing
+            negative = self._negative(
+                negative_prompt, context, guidance_scale, max_sequence_length, prompt_embeds
+            )
+        if negative is not None and all(
+            _equal(a, b) for a, b in zip((context, pooled), negative, strict=True)
+        ):
+            negative = None  # the negative prompt is the prompt: guidance changes nothing
+        if negative is not None:
+            guidance = (*negative, jnp.asarray(guidance_scale, jnp.float32))
+        else:
+            guidance = (None, None, None)
+        network = SD3Velocity(self.transformer, context, pooled, shape, *guidance)
+        self.components.shapes[shape] = None
         return LearnedField(network, RectifiedFlow(), "velocity")
+
+    def _negative(self, negative_prompt, context, guidance_scale, length, prompt_embeds):
+        """The negative prompt's embeddings for guidance, at the prompt's length."""
+        what = (
+            f"guidance_scale={guidance_scale} guides against the negative prompt "
+            f"{negative_prompt!r}"
+        )
+        try:
+            negative = self._embeddings(negative_prompt, None, None, length)
+        except (ValueError, ImportError) as error:
+            raise ValueError(
+                f"{what}, whose embeddings cannot be computed here ({error}) Pass "
+                "negative_prompt_embeds= and negative_pooled_prompt_embeds= (e.g. "
+                f"model.encode_prompt({negative_prompt!r}) on a model with its text "
+                "encoders), or guidance_scale=1 for the unguided field."
+            ) from error
+        got, used = negative[0].shape[0], length or self.default_max_sequence_length
+        if prompt_embeds is not None and got != context.shape[0]:
+            # l = clip + max_sequence_length: the CLIP tokens, then T5's
+            fit = context.shape[0] - (got - used)
+            hint = f"max_sequence_length={fit} (the T5 length of prompt_embeds), or " * (fit > 0)
+            raise ValueError(
+                f"{what}, encoded with max_sequence_length={used} to {got} tokens, and "
+                f"prompt_embeds has {context.shape[0]}: pass {hint}negative_prompt_embeds= "
+                "and negative_pooled_prompt_embeds= of the prompt_embeds' length."
+            )
+        return negative
 
 
 class FluxModel(AbstractDiffusersModel):
@@ -473,6 +608,8 @@ class FluxModel(AbstractDiffusersModel):
         context, pooled = self._embeddings(
             prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length
         )
+        if guidance is not None:
+            _finite_scalar("guidance", guidance)
         if self.config.get("guidance_embeds", False):
             guidance = jnp.asarray(3.5 if guidance is None else guidance, jnp.float32)
         elif guidance is not None:
@@ -480,6 +617,7 @@ class FluxModel(AbstractDiffusersModel):
                 "this FLUX model has no guidance embedding (guidance_embeds=False, e.g. "
                 "FLUX.1-schnell): leave guidance=None."
             )
+        self.components.shapes[shape] = None
         img_ids = flux_image_ids(shape[1], shape[2])
         txt_ids = np.zeros((context.shape[0], 3))
         rope = self.transformer.rope(img_ids, txt_ids)
