@@ -15,7 +15,7 @@ from ._batching import chunk_size, resolve_mesh, shard_blocks
 from ._fields import AbstractVelocityField
 from ._lanes import LaneStats, chunked_solve, joint_solve, max_point_rms, refill_solve
 from ._logdet import variational_rhs
-from ._misc import check_bool, check_positive_int, check_time, describe, time_in_range
+from ._misc import as_array, check_bool, check_positive_int, check_time, describe, time_in_range
 from ._results import RESULTS, Outcome, all_finite, classify, mask_failed
 from ._solve import (
     DEFAULT_MAX_STEPS,
@@ -113,7 +113,7 @@ class JointSteps(AbstractSchedule):
 def _check_zs(field, zs, name):
     if not isinstance(field, AbstractVelocityField):
         raise ValueError(f"{name} needs a jaxflow field, got {type(field).__name__}.")
-    zs = jnp.asarray(zs)
+    zs = jnp.asarray(as_array(f"{name}: zs", zs, "(N, n)"))
     if zs.ndim != 2:
         raise ValueError(
             f"{name} takes a batch of points of shape (N, n), got shape {zs.shape}; "
@@ -207,12 +207,24 @@ def batch_generate(
             "with jf.batch_map and diffrax.RecursiveCheckpointAdjoint()."
         )
     zs = _check_zs(field, zs, name)
+    # the solver as the user would write it in the advice below
+    solver_text = repr(solver) if isinstance(solver, str) else f"diffrax.{type(solver).__name__}()"
     solver = get_solver(solver)
     max_steps = check_max_steps(max_steps)
     t_noise = check_time("t_noise", field.path, t_noise)
     t_data = check_time("t_data", field.path, t_data)
     t_noise, t_data = span(field, t_noise, t_data)
-    controller = adaptive_controller(solver, rtol, atol, zs.dtype, schedule.norm())
+    # batch_generate has no steps=: its schedules exist for adaptive steps, and
+    # fixed steps, equal on every lane, batch as well with batch_map
+    single = "jf.generate_with_jacobian" if jacobian else "jf.generate"
+    fixed_step = (
+        f"{name} runs adaptive solves only; for fixed steps batch the single-point "
+        f"solve with jf.batch_map, e.g. jf.batch_map(lambda z: {single}(field, z, "
+        f"solver={solver_text}, steps=100), zs)"
+    )
+    controller = adaptive_controller(
+        solver, rtol, atol, zs.dtype, schedule.norm(), fixed_step=fixed_step
+    )
     mesh = resolve_mesh(mesh, name)
     size = zs.shape[0]
     devices = 1 if mesh is None else mesh.devices.size

@@ -25,6 +25,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real
 
 from ._misc import (
     array_namespace,
+    as_array,
     as_float_array,
     check,
     check_nonempty,
@@ -248,6 +249,13 @@ class GaussianMixture(AbstractLaw):
     has_density: ClassVar[bool] = True
 
     def __init__(self, weights, means, covariances):
+        weights = as_array("GaussianMixture weights", weights, "(K,)")
+        means = as_array("GaussianMixture means", means, "(K, n)")
+        covariances = as_array(
+            "GaussianMixture covariances",
+            covariances,
+            "(K, n, n) (full), (K, n) (diagonal) or (K,) (isotropic)",
+        )
         dtype = float_dtype(weights, means, covariances)
         w_eps, cov_eps = given_eps(weights), given_eps(covariances)
         means = as_float_array("GaussianMixture means", means, ndim=2, dtype=dtype)
@@ -353,6 +361,10 @@ class Gaussian(AbstractLaw):
     has_density: ClassVar[bool] = True
 
     def __init__(self, mean, covariance):
+        mean = as_array("Gaussian mean", mean, "(n,)")
+        covariance = as_array(
+            "Gaussian covariance", covariance, "(n, n) (full), (n,) (diagonal) or () (a scalar)"
+        )
         dtype = float_dtype(mean, covariance)
         mean = as_float_array("Gaussian mean", mean, ndim=1, dtype=dtype)
         covariance = as_float_array("Gaussian covariance", covariance, ndim=(0, 1, 2), dtype=dtype)
@@ -428,6 +440,8 @@ class Empirical(AbstractLaw):
     has_density: ClassVar[bool] = False
 
     def __init__(self, points, weights=None):
+        points = as_array("Empirical points", points, "(N, n)")
+        weights = as_array("Empirical weights", weights, "(N,)")
         dtype = float_dtype(points, weights)
         w_eps = given_eps(weights)
         points = as_float_array("Empirical points", points, ndim=2, dtype=dtype)
@@ -561,6 +575,10 @@ class GaussianNeighbours(AbstractLaw):
     has_density: ClassVar[bool] = True
 
     def __init__(self, weights, lower, upper, widths):
+        weights = as_array("GaussianNeighbours weights", weights, "(m,)")
+        lower = as_array("GaussianNeighbours lower", lower, "(m, n)")
+        upper = as_array("GaussianNeighbours upper", upper, "(m, n)")
+        widths = as_array("GaussianNeighbours widths", widths, "(m,)")
         dtype = float_dtype(weights, lower, upper, widths)
         w_eps = given_eps(weights)
         lower = as_float_array("GaussianNeighbours lower", lower, ndim=2, dtype=dtype)

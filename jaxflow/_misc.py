@@ -20,12 +20,65 @@ def is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+def as_array(name: str, value, want: str | None = None):
+    """`value` as an array: an array (NumPy, JAX, traced) or `None` passes unchanged,
+    a number or a nested list or tuple becomes a JAX array.
+
+    A ragged nesting (rows of different lengths), which NumPy refuses with an
+    "inhomogeneous shape" that names neither the argument nor the rows, raises a
+    `ValueError` naming `name`, the first two entries whose shapes differ, and
+    `want`, the shapes the argument takes.
+    """
+    if value is None or isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (ValueError, TypeError):
+        ragged = _ragged_entries(value)
+        if ragged is None:
+            raise
+    (first, first_shape), (other, other_shape) = ragged
+    shapes = "" if want is None else f" of shape {want}"
+    raise ValueError(
+        f"{name} is ragged: entry {first} has shape {first_shape} but entry {other} has "
+        f"shape {other_shape}. Pass a rectangular array{shapes}, every row the same length."
+    ) from None
+
+
+def _ragged_entries(value, index: str = ""):
+    """The first two entries `(index, shape)` of a nested list whose shapes differ,
+    at the deepest level where they do, or `None` for a rectangular nesting."""
+    try:
+        _nested_shape(value, index)
+    except _Ragged as ragged:
+        return ragged.args
+    return None
+
+
+class _Ragged(Exception):
+    pass
+
+
+def _nested_shape(value, index: str) -> tuple:
+    """The shape of a nested list whose leaves are numbers or arrays (tracers too),
+    without converting it; `_Ragged` with the two entries where it is not
+    rectangular."""
+    if not isinstance(value, (list, tuple)):
+        return tuple(np.shape(value))
+    shapes = [_nested_shape(entry, f"{index}[{i}]") for i, entry in enumerate(value)]
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise _Ragged((f"{index}[0]", shapes[0]), (f"{index}[{i}]", shape))
+    return (len(value),) + (shapes[0] if shapes else ())
+
+
 def as_float_array(name: str, value, ndim=None, dtype=None) -> jax.Array:
     """Convert to a floating JAX array of `dtype` (default: the value's own floating
     dtype, the default float for integers and bools), refuse complex values, check the
     rank, and check finiteness in that dtype (a float64 `1e39` is `inf` in float32)."""
     if value is None:
         raise ValueError(f"{name} is required, got None.")
+    value = as_array(name, value)
     xp = array_namespace(value)
     arr = xp.asarray(value)
     if xp.issubdtype(arr.dtype, xp.complexfloating):
@@ -354,7 +407,7 @@ def check_finite(name: str, x, where: str):
 def as_point(name: str, x, where: str, *, finite: bool = True) -> jax.Array:
     """`x` as one point `(n,)`, `n >= 1`, of a floating dtype (integers become the
     default float), checked finite unless `finite=False`."""
-    x = jnp.asarray(x)
+    x = jnp.asarray(as_array(f"{where}: {name}", x, "(n,)"))
     if x.ndim != 1 or x.shape[0] == 0:
         raise ValueError(
             f"{where} takes {name} as one point of shape (n,) with n >= 1, got shape "
@@ -368,7 +421,7 @@ def as_point(name: str, x, where: str, *, finite: bool = True) -> jax.Array:
 def as_batch(name: str, x, where: str, *, finite: bool = True) -> jax.Array:
     """`x` as a batch of points `(N, n)` with `N, n >= 1`, of a floating dtype, checked
     finite unless `finite=False`."""
-    x = jnp.asarray(x)
+    x = jnp.asarray(as_array(f"{where}: {name}", x, "(N, n)"))
     if x.ndim != 2 or 0 in x.shape:
         empty = " (no samples)" if x.ndim == 2 and x.shape[0] == 0 else ""
         raise ValueError(

@@ -3,21 +3,24 @@ shares, and `generate`, `invert`, `reconstruct`.
 
 Generation integrates the PF-ODE from the noise end to the data end, inversion
 the other way (paper 000 Def. 2.1). Forward-mode differentiation (`jax.jvp`,
-`jax.jacfwd`) goes through every solve (`diffrax.ForwardMode`).
+`jax.jacfwd`) goes through every solve (`diffrax.ForwardMode`); reverse mode needs
+`adjoint=diffrax.RecursiveCheckpointAdjoint()`, and without it raises saying so.
 """
 
+import inspect
 import math
 from typing import Literal
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
 from ._fields import AbstractField, AbstractVelocityField
-from ._misc import check_bool, check_positive_int, check_time_grid, time_in_range
+from ._misc import as_array, check_bool, check_positive_int, check_time_grid, time_in_range
 from ._results import RESULTS, Outcome, all_finite, classify, first_failure, mask_failed
 
 _NAMED_SOLVERS = {
@@ -151,14 +154,19 @@ def _controller_and_dt0(solver, steps, rtol, atol, t_start, t_end, dtype, times=
     return adaptive_controller(solver, rtol, atol, dtype), None, None
 
 
-def adaptive_controller(solver, rtol, atol, dtype, norm=None) -> diffrax.PIDController:
+def adaptive_controller(
+    solver, rtol, atol, dtype, norm=None, fixed_step: str | None = None
+) -> diffrax.PIDController:
     """The step-size controller of an adaptive solve of points of `dtype`: the
     tolerances checked, `default_tolerances` where not given; `norm` as
-    `diffrax.PIDController`'s (RMS by default)."""
+    `diffrax.PIDController`'s (RMS by default). `fixed_step` is the advice for a
+    solver without an error estimate, where the entry point's is not `steps=`."""
     if not _is_adaptive(solver):
+        if fixed_step is None:
+            fixed_step = "give `steps=` for a fixed-step solve"
         raise ValueError(
-            f"{type(solver).__name__} has no error estimate: give `steps=` for a "
-            "fixed-step solve, or choose an adaptive solver ('dopri5', 'tsit5')."
+            f"{type(solver).__name__} has no error estimate: {fixed_step}, or choose an "
+            "adaptive solver ('dopri5', 'tsit5', 'dopri8')."
         )
     d_rtol, d_atol = default_tolerances(dtype)
     rtol = d_rtol if rtol is None else _check_tolerance("rtol", rtol)
@@ -252,19 +260,16 @@ def solve_ode(
     module-level function), not a closure, so that an eager solve reuses the
     program compiled for the same shapes.
     """
-    solver = get_solver(solver)
-    max_steps = check_max_steps(max_steps)
     compute = y0
     y0 = jax.tree_util.tree_map(lambda a: a.astype(state_dtype(a.dtype)), y0)
     dtype = jax.tree_util.tree_leaves(y0)[0].dtype
     tol_dtype = jax.tree_util.tree_leaves(compute)[0].dtype
     if times is not None:
         times = jnp.asarray(times, dtype)
-    controller, dt0, fixed = _controller_and_dt0(
-        solver, steps, rtol, atol, t_start, t_end, tol_dtype, times
+    solver, controller, dt0, max_steps = _solver_settings(
+        solver, steps, rtol, atol, max_steps, t_start, t_end, tol_dtype, times
     )
-    if fixed is not None:
-        max_steps = fixed
+    adjoint = diffrax.ForwardMode() if adjoint is None else adjoint
     # diffrax promotes the state to the time's dtype: keep float32 states float32
     # when x64 is on by giving times in the state's dtype.
     t_start = jnp.asarray(t_start, dtype)
@@ -282,11 +287,13 @@ def solve_ode(
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,
         max_steps=max_steps,
-        adjoint=diffrax.ForwardMode() if adjoint is None else adjoint,
+        adjoint=adjoint,
         progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
         throw=False,
     )
     y = cast_like(jax.tree_util.tree_map(lambda a: a[0], sol.ys), compute)
+    if isinstance(adjoint, diffrax.ForwardMode):
+        y = _forward_only(y, name)
     result = classify(y, RESULTS.promote(sol.result), input_ok)
     failed = (result != RESULTS.successful) & (result != RESULTS.invalid_input)
     if singular is not None:
@@ -295,6 +302,49 @@ def solve_ode(
     # from a solve that ran out of steps
     start_ok = all_finite(term(t_start, y0, None))
     return y, RESULTS.where(failed & ~start_ok, RESULTS.field_non_finite, result)
+
+
+def _solver_settings(solver, steps, rtol, atol, max_steps, t_start, t_end, dtype, times):
+    """`(solver, controller, dt0, max_steps)` of a solve, its settings checked: the
+    solver by name, `max_steps`, and `steps`, `times` and the tolerances against
+    each other and the solver."""
+    solver = get_solver(solver)
+    max_steps = check_max_steps(max_steps)
+    controller, dt0, fixed = _controller_and_dt0(
+        solver, steps, rtol, atol, t_start, t_end, dtype, times
+    )
+    return solver, controller, dt0, max_steps if fixed is None else fixed
+
+
+def _forward_only(y, name: str):
+    """`y`, the result of a solve under `diffrax.ForwardMode`, marked so that
+    reverse-mode differentiation through it raises advice.
+
+    `ForwardMode` runs the solve in a `lax.while_loop`: it differentiates forwards
+    (`jax.jvp`, `jax.jacfwd`) at the cost of one plain solve, but a while loop
+    cannot be transposed, so `jax.grad` fails with JAX's "Reverse-mode
+    differentiation does not work for lax.while_loop", which names neither the
+    solve nor the fix. The mark is the identity, forwards and in JVPs (no
+    arithmetic, no change to the solve); transposing it, which reverse mode does
+    before it reaches the loop, raises this `RuntimeError` instead
+    (`equinox.internal.nondifferentiable_backward`, as diffrax marks a solve's
+    internal state)."""
+    advice = f"pass adjoint=diffrax.RecursiveCheckpointAdjoint() to jf.{name}"
+    if name in ("generate", "invert"):
+        inverse = ", inverse=True" if name == "invert" else ""
+        advice += (
+            "; for the matrix-free analyses (jf.top_singular_values, "
+            "jf.smallest_singular_values, ...) pass the map as "
+            f"jf.generation_map(field{inverse}, solver=..., ...), which differentiates "
+            "each way with the adjoint that mode needs"
+        )
+    msg = (
+        f"jaxflow.{name}: reverse-mode differentiation (jax.grad, jax.vjp, jax.jacrev) "
+        "does not go through this solve: it runs under diffrax.ForwardMode() (the "
+        f"default adjoint), which differentiates forwards only (jax.jvp, jax.jacfwd). "
+        f"For reverse mode, {advice}."
+    )
+    return eqxi.nondifferentiable_backward(y, msg=msg, symbolic=True)
 
 
 def raise_or_outcome(value, result: RESULTS, name: str, throw: bool, singular: str | None = None):
@@ -355,7 +405,7 @@ def prepare(
             "flow learned from a non-Gaussian source); integrate its PF-ODE with "
             "jf.generate instead."
         )
-    x = jnp.asarray(x)
+    x = jnp.asarray(as_array(f"{name}: the point", x, "(n,)"))
     if x.ndim != 1:
         raise ValueError(
             f"{name} takes one point of shape (n,), got shape {x.shape}; "
@@ -405,13 +455,7 @@ def _pf_ode(
     """The PF-ODE from one end of the span to the other: towards the data for
     `direction='generate'`, towards the noise for `'invert'`."""
     throw = check_throw(throw)
-    if times is not None:
-        times = check_time_grid(times, t_noise, t_data)
-        t_noise, t_data = float(times[-1]), float(times[0])
-        if direction == "generate":
-            times = times[::-1]
-    t1, t0 = span(field, t_noise, t_data)
-    start, end = (t1, t0) if direction == "generate" else (t0, t1)
+    start, end, times = _pf_ode_span(field, direction, t_noise, t_data, times)
     y, ok = prepare(field, y, start, end, direction)
     singular = singular_end(field, start, end)
     y, result = solve_ode(
@@ -426,6 +470,56 @@ def _pf_ode(
         **solve_kwargs,
     )
     return raise_or_outcome(y, result, direction, throw, singular)
+
+
+def _pf_ode_span(field, direction: Direction, t_noise, t_data, times):
+    """`(start, end, times)` of a PF-ODE solve: the ends `t_noise > t_data`, or those
+    of a `times` grid, checked (the grid walked backwards to generate)."""
+    if times is not None:
+        times = check_time_grid(times, t_noise, t_data)
+        t_noise, t_data = float(times[-1]), float(times[0])
+        if direction == "generate":
+            times = times[::-1]
+    t1, t0 = span(field, t_noise, t_data)
+    start, end = (t1, t0) if direction == "generate" else (t0, t1)
+    return start, end, times
+
+
+def check_pf_ode_settings(field: AbstractVelocityField, direction: Direction, settings: dict):
+    """Make the checks of `generate`'s (or `invert`'s) settings that it makes before
+    it solves, without a point and without solving: the same functions, the same
+    `ValueError`s, plus one naming a keyword that `generate` does not take.
+
+    For `jf.generation_map`, which holds the settings of solves it runs later and
+    must refuse bad ones when it is built, not at its first call.
+    """
+    solve = generate if direction == "generate" else invert
+    signature = inspect.signature(solve)
+    names = [name for name in signature.parameters if name not in ("field", "z", "x")]
+    unknown = [name for name in settings if name not in names]
+    if unknown:
+        raise ValueError(
+            f"jf.{direction} has no setting {', '.join(map(repr, unknown))}; its settings "
+            f"are {', '.join(names)}."
+        )
+    bound = signature.bind(field, None, **settings)
+    bound.apply_defaults()
+    a = bound.arguments
+    check_throw(a["throw"])
+    start, end, times = _pf_ode_span(field, direction, a["t_noise"], a["t_data"], a["times"])
+    _check_span(field, start, end)
+    dtype = jnp.result_type(float)
+    _solver_settings(
+        a["solver"],
+        a["steps"],
+        a["rtol"],
+        a["atol"],
+        a["max_steps"],
+        start,
+        end,
+        dtype,
+        None if times is None else jnp.asarray(times, dtype),
+    )
 
 
 def generate(
@@ -461,9 +555,10 @@ def generate(
       an error.
     - `t_noise, t_data`: override the ends of the span (e.g. stop at `t_data=1e-3`
       for an `Empirical` law, whose velocity is singular at 0).
-    - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work).
-      For `jax.grad`/`jax.vjp` pass `diffrax.RecursiveCheckpointAdjoint()`. With an
-      adaptive solver the derivative is of the steps taken, not under error
+    - `adjoint`: a diffrax adjoint; default `ForwardMode()` (so `jvp`/`jacfwd` work,
+      at the cost of a plain solve; reverse mode through it raises, saying what to
+      pass). For `jax.grad`/`jax.vjp` pass `diffrax.RecursiveCheckpointAdjoint()`.
+      With an adaptive solver the derivative is of the steps taken, not under error
       control (14% off near paper 000's Fig. 3 ridge at the default `rtol`):
       `jf.generate_with_jacobian` controls `J_G`'s error; a fixed-step solver makes
       the discrete map the exact object.
@@ -482,7 +577,10 @@ def generate(
     wider); with `throw=False`, an `Outcome` holding it.
 
     **Raises:** `ValueError` for bad settings or a point of the wrong shape; under
-    `jit`, `eqx.error_if` naming the cause of a failed solve (docs/reliability.md).
+    `jit`, `eqx.error_if` naming the cause of a failed solve (docs/reliability.md);
+    `RuntimeError` naming `adjoint=diffrax.RecursiveCheckpointAdjoint()` and
+    `jf.generation_map` when differentiated in reverse mode under the default
+    forward-mode adjoint.
     """
     return _pf_ode(
         field,

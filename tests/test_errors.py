@@ -63,6 +63,31 @@ GOOD_COV = np.stack([np.eye(2)] * 2)
             ),
             "same shape",
         ),
+        # ragged lists (rows of different lengths): NumPy's "inhomogeneous shape" before
+        (
+            lambda: jf.GaussianMixture(GOOD_W, GOOD_MU, [[1, 1], [1]]),
+            r"GaussianMixture covariances is ragged: entry \[0\] has shape \(2,\) but entry "
+            r"\[1\] has shape \(1,\)\. Pass a rectangular array of shape .*\(K, n\) \(diagonal\)",
+        ),
+        (
+            lambda: jf.GaussianMixture(GOOD_W, [[0.0, 0.0], [1.0]], GOOD_COV),
+            r"GaussianMixture means is ragged.*\(K, n\)",
+        ),
+        (
+            lambda: jf.Gaussian([0.0, 0.0], [[1.0, 0.0], [0.0]]),
+            r"Gaussian covariance is ragged: entry \[0\] has shape \(2,\) but entry \[1\]",
+        ),
+        (
+            lambda: jf.Empirical([[0.0, 0.0], [1.0, 1.0, 1.0]]),
+            r"Empirical points is ragged.*\(N, n\)",
+        ),
+        (
+            lambda: jf.GaussianNeighbours(
+                GOOD_W, [[0.0, 0.0], [[1.0], 0.0]], np.ones((2, 2)), np.array([0.1, 0.1])
+            ),
+            r"GaussianNeighbours lower is ragged: entry \[1\]\[0\] has shape \(1,\) but "
+            r"entry \[1\]\[1\] has shape \(\)",
+        ),
         (lambda: jf.OrnsteinUhlenbeck(-1.0), "> 0"),
         (lambda: jf.Cosine(-0.01), ">= 0"),
         (lambda: jf.AnalyticField(jf.RectifiedFlow(), jf.RectifiedFlow()), "AbstractLaw"),
@@ -130,3 +155,40 @@ def test_analysis_argument_errors(field):
         jf.log_det_generation(field, jnp.zeros(2), route="magic")
     with pytest.raises(Exception, match="M must be > 0"):
         jf.instability_probability(field, jnp.zeros((3, 2)), 0.0)
+
+
+def test_reverse_mode_through_generate_names_the_adjoint(field):
+    """`jax.grad` through `generate`'s default forward-mode solve says what to pass,
+    while tracing (nothing compiled). Following the advice works:
+    test_solve_checks.py::test_reverse_mode_with_a_reverse_adjoint."""
+
+    def loss(z):
+        return jf.generate(field, z, solver="euler", steps=2).sum()
+
+    with pytest.raises(
+        RuntimeError, match=r"jaxflow\.generate: .*adjoint=diffrax\.RecursiveCheckpointAdjoint"
+    ) as info:
+        jax.eval_shape(jax.grad(loss), jnp.zeros(2))
+    assert "jf.generation_map(field, solver=" in str(info.value)
+
+
+def test_ragged_points_name_the_argument(field):
+    """A ragged list as a point or a batch names the entry point and the rows, as
+    for the laws (nothing is solved: the check comes first)."""
+    ragged = [[0.0, 1.0], [2.0]]
+    # as users run them: the test run's annotation checks refuse a list first
+    plain = lambda f: getattr(f, "__wrapped__", f)  # noqa: E731
+    for run, match in [
+        (lambda: plain(jf.generate)(field, ragged), r"generate: the point is ragged"),
+        (lambda: plain(jf.jacobian)(lambda x: x, ragged), r"jacobian: x is ragged"),
+        (
+            lambda: plain(jf.batch_generate)(field, ragged),
+            r"batch_generate: zs is ragged",
+        ),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=match + r": entry \[0\] has shape \(2,\) but entry "
+            r"\[1\] has shape \(1,\)\. Pass a rectangular array of shape",
+        ):
+            run()

@@ -518,3 +518,22 @@ def test_flax_wrapper_checks_the_call(plain):
         net(ONE2, 0.5)
     with pytest.raises(ValueError, match="FlaxLinen takes one flat point"):
         net(jnp.ones((2, 2)), 0.5)
+
+
+def test_batch_generate_fixed_step_advice_is_followable():
+    """`batch_generate` has no `steps=`: its advice for a fixed-step solver is
+    `jf.batch_map` of `jf.generate_with_jacobian`, and following it works."""
+    zs = jnp.array([[0.5, -1.0], [0.0, 2.0]])
+    with pytest.raises(ValueError, match="no error estimate") as info:
+        jf.batch_generate(FIELD, zs, jacobian=True, solver="euler")
+    message = str(info.value)
+    assert "jf.batch_map(lambda z: jf.generate_with_jacobian(field, z, solver=" in message
+    assert "give `steps=`" not in message
+    # the advice as written, with two steps: on FIELD's law v(x, t) = (a'/a)(t) x,
+    # a(t)^2 = (1 - t)^2 + t^2, which is x at t = 1 and 0 at t = 1/2, so two Euler
+    # steps map z to z / 2
+    xs, js = jf.batch_map(lambda z: jf.generate_with_jacobian(FIELD, z, **EULER), zs)
+    np.testing.assert_allclose(xs, 0.5 * zs, rtol=1e-6)
+    np.testing.assert_allclose(js, np.broadcast_to(0.5 * np.eye(2), (2, 2, 2)), atol=1e-7)
+    with pytest.raises(ValueError, match="no error estimate.*jf.generate\\(field, z, solver="):
+        jf.batch_generate(FIELD, zs, solver="euler")

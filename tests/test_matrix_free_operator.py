@@ -115,3 +115,40 @@ def test_checks():
         jacobian_products(lambda x: x[:1], jnp.ones(2), "test")
     with pytest.raises(ValueError, match="finite"):
         jacobian_products(lambda x: x, jnp.array([1.0, jnp.nan]), "test")
+
+
+def test_generation_map_checks_its_settings_when_built():
+    """Bad solver settings are refused by `generation_map` itself, with the messages
+    `jf.generate` gives, not at the map's first call."""
+    field = jf.AnalyticField(jf.Gaussian(jnp.zeros(2), jnp.eye(2)), jf.RectifiedFlow())
+    for bad, match in [
+        (dict(solver="rk99"), "unknown solver 'rk99'"),
+        (dict(solver="euler", steps=0), "steps must be a positive int"),
+        (dict(solver="euler"), "give `steps=`"),
+        (dict(steps=4, rtol=1e-3), "rtol/atol set an adaptive solve"),
+        (dict(max_steps=None), "max_steps=None"),
+        (dict(times=[0.5, 0.2]), "times must increase"),
+        (dict(t_noise=2.0), r"t_start=2\.0 is outside the path's range"),
+        (dict(stpes=4), r"jf\.generate has no setting 'stpes'; its settings are solver, steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            jf.generation_map(field, **bad)
+    with pytest.raises(ValueError, match=r"jf\.invert has no setting 'z'"):
+        jf.generation_map(field, inverse=True, z=jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"t_noise=0\.0 must be greater than t_data=0\.5"):
+        jf.generation_map(field, inverse=True, t_noise=0.0, t_data=0.5)
+
+
+def test_reverse_mode_failure_points_to_generation_map():
+    """A map that cannot be transposed (`jf.generate`'s forward-mode solve, a
+    `while_loop`) fails in the matrix-free routes with advice, while tracing."""
+    field = jf.AnalyticField(jf.Gaussian(jnp.zeros(2), jnp.eye(2)), jf.RectifiedFlow())
+    z, key = jnp.array([0.5, -1.0]), jax.random.key(0)
+
+    def looped(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (2 * c[0], c[1] + 1), (x, 0))[0]
+
+    for fn in (lambda z: jf.generate(field, z, solver="euler", steps=2), looped):
+        with pytest.raises(ValueError, match=r"top_singular_values: .*jf\.generation_map") as info:
+            jf.top_singular_values(fn, z, 1, key=key)
+        assert info.value.__cause__ is not None

@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._fields import AbstractVelocityField
 from .._misc import as_point, check_bool, check_map_output, check_positive_int, describe
-from .._solve import generate, invert
+from .._solve import check_pf_ode_settings, generate, invert
 
 
 class GenerationMap(eqx.Module):
@@ -52,6 +52,11 @@ class GenerationMap(eqx.Module):
                     f"generation_map chooses {name}= itself (forward mode for JVPs, "
                     "checkpointed reverse mode for VJPs, throw=True); leave it out."
                 )
+        # the checks jf.generate makes before it solves, made now: a bad setting is
+        # refused when the map is built, not at its first call
+        check_pf_ode_settings(
+            self.field, "invert" if self.inverse else "generate", self.solve_kwargs
+        )
 
     @property
     def solve_kwargs(self) -> dict:
@@ -96,8 +101,10 @@ def generation_map(
 
     **Returns:** a `GenerationMap`: `G(z)` when called, `G.reverse(z)` for VJPs.
 
-    **Raises:** `ValueError` for a non-field, `adjoint=` or `throw=`, or
-    `checkpoints` not a positive int.
+    **Raises:** `ValueError` for a non-field, `adjoint=` or `throw=`,
+    `checkpoints` not a positive int, or a setting that `jf.generate` would refuse
+    (an unknown solver or keyword, `steps=0`, a fixed-step solver without `steps`,
+    ...), checked here, when the map is built.
     """
     if not isinstance(field, AbstractVelocityField):
         raise ValueError(f"generation_map needs a jaxflow field, got {describe(field)}.")
@@ -161,7 +168,26 @@ def jacobian_products(fn: Map, x: Float[ArrayLike, " n"], where: str):
         transpose = jax.linear_transpose(jvp, x)
 
         def vjp(u):
-            return transpose(u)[0]
+            try:
+                return transpose(u)[0]
+            except (ValueError, RuntimeError) as e:
+                if "reverse-mode differentiation" not in str(e).lower():
+                    raise
+                raise ValueError(_no_reverse_mode(where)) from e
 
     check_map_output(where, "fn", jnp.shape(y), x)
     return y, jvp, vjp
+
+
+def _no_reverse_mode(where: str) -> str:
+    """The advice when `fn`'s linearisation cannot be transposed: a `lax.while_loop`
+    inside, most often `jf.generate`'s forward-mode solve."""
+    return (
+        f"{where}: fn cannot be differentiated in reverse mode, which the products "
+        "J^T u need (see the chained error): it runs a lax.while_loop, e.g. a "
+        "jf.generate or jf.invert solve, whose default adjoint is forward mode only. "
+        "Pass the generation map as fn=jf.generation_map(field, solver=..., ...) "
+        "(inverse=True for jf.invert): it solves forwards for J v and with a "
+        "checkpointed reverse solve for J^T u. Another map must be differentiable in "
+        "reverse mode (jax.vjp), e.g. a lax.scan instead of a while_loop."
+    )
