@@ -145,8 +145,9 @@ def test_field_methods_take_integer_points():
 
 
 def test_reverse_mode_with_a_reverse_adjoint():
-    """`jax.grad` through the default solve fails in JAX's while loop (forward mode
-    is the default); with the adjoint the docs name, it agrees with forward mode."""
+    """`jax.grad` through the default solve fails (forward mode is the default, and
+    the error names this adjoint: `test_errors`); with that adjoint it agrees with
+    forward mode."""
     loss = lambda adjoint: lambda z: jnp.sum(jf.generate(FIELD, z, adjoint=adjoint) ** 2)  # noqa: E731
     # jitted: eagerly the forward and the backward pass each compile
     grad = jax.jit(jax.grad(loss(diffrax.RecursiveCheckpointAdjoint())))(Z)
