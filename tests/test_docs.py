@@ -82,3 +82,21 @@ def test_mathematics_is_latex_rendered_by_mathjax():
         ]
         assert not ascii_math, f"docs/{name}: write these formulas in LaTeX: {ascii_math}"
         assert "$" in text, f"docs/{name} has no LaTeX"
+
+
+def test_docs_cite_papers_without_paths_a_clone_lacks():
+    # The papers live outside the repository (../shared/papers on the machine the
+    # docs were written on); a clone has no such folder, so pages cite them by
+    # title and authors through docs/references.md instead.
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    offending = [
+        f"{page.relative_to(ROOT)}:{number}"
+        for page in pages
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if "../shared" in line or "shared/papers" in line
+    ]
+    assert not offending, f"cite the paper via docs/references.md instead: {offending}"
+    references = (ROOT / "docs" / "references.md").read_text()
+    for number in ("000", "001", "002", "003"):
+        assert f"{{#paper-{number}}}" in references
+    assert "references.md" in (ROOT / "README.md").read_text()
