@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -79,7 +80,10 @@ class _LinesAbove:
 def _bar_shown(tqdm, **kwargs):
     """A tqdm bar on stderr; while it is open, lines printed to a stdout on a terminal
     go above it instead of through it."""
-    with tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs) as bar:
+    # a fixed size, the terminal's or 80 x 24 where it reports none or zero (a pty
+    # whose size was never set), where tqdm's own sizing draws blank lines
+    columns, lines = shutil.get_terminal_size()
+    with tqdm(file=sys.stderr, ncols=columns, nrows=lines, **kwargs) as bar:
         stdout = sys.stdout
         try:
             wrap = stdout is not None and stdout.isatty()

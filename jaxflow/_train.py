@@ -521,6 +521,21 @@ def _check_finite(losses, start, manager, checkpoint_dir) -> None:
     )
 
 
+def _bar_size(stream=None) -> dict:
+    """tqdm's size arguments for a bar on `stream` (default stderr): follow the
+    terminal's size as it changes when it reports one; else a fixed 80 x 24. A
+    terminal of unknown or zero size (a pty whose size was never set) makes tqdm
+    size the bar from `0 - 1` columns and rows, and it draws blank lines."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        columns, lines = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):  # not a terminal, or no fileno
+        columns = lines = 0
+    if columns > 0 and lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": columns if columns > 0 else 80, "nrows": lines if lines > 0 else 24}
+
+
 class _Progress:
     """Reports on stderr after each chunk: a tqdm bar (steps done, loss, ETA) when
     tqdm is installed and stderr is a terminal, else one plain line a chunk (redrawn
@@ -540,7 +555,7 @@ class _Progress:
         except ImportError:
             return None
         return tqdm(
-            total=self.steps, initial=self.first, unit="step", file=sys.stderr, dynamic_ncols=True
+            total=self.steps, initial=self.first, unit="step", file=sys.stderr, **_bar_size()
         )
 
     def update(self, step: int, loss: float) -> None:

@@ -697,3 +697,15 @@ def test_decode_size_follows_the_points(sd3):
     model.field(height=64, width=256, max_sequence_length=SEQ)
     with pytest.raises(ValueError, match="128 x 128.*64 x 256|64 x 256.*128 x 128"):
         model.decode(np.zeros(16 * 16 * 16, np.float32))
+
+
+def test_loading_a_pipeline_raises_no_diffusers_future_warning(sd3):
+    # jaxflow's own from_pretrained call uses the dtype keyword the installed
+    # diffusers expects (dtype= from 0.40; torch_dtype= warns there)
+    import warnings
+
+    _, folder, _ = sd3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning, module=r"diffusers(\.|$)")
+        model = jfd.load(folder, prompt_cache=None)
+        assert model.components.pipeline("test").vae is not None

@@ -516,3 +516,21 @@ def test_progress_in_a_terminal_is_a_tqdm_bar_or_a_redrawn_line(monkeypatch):
     with _Progress(False, 0, 30) as report:
         report.update(30, 0.5)
     assert sys.stderr.getvalue() == ""
+
+
+def test_bar_on_a_terminal_of_unknown_or_zero_size_is_80_columns(monkeypatch):
+    """A pty whose size was never set reports 0 x 0: tqdm sized from it draws blank
+    lines, so the bar falls back to 80 x 24; a known size is followed as it changes."""
+    _bar_size = _train._bar_size
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
+    assert _bar_size(sys.__stderr__) == {"ncols": 80, "nrows": 24}
+    assert _bar_size(io.StringIO()) == {"ncols": 80, "nrows": 24}  # no terminal at all
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 0)))
+    assert _bar_size(sys.__stderr__) == {"ncols": 120, "nrows": 24}
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((120, 40)))
+    assert _bar_size(sys.__stderr__) == {"dynamic_ncols": True}
+    tqdm = pytest.importorskip("tqdm").tqdm
+    out = io.StringIO()
+    with tqdm(total=3, file=out, **_bar_size(out)) as bar:  # drawn, 80 wide
+        bar.update(3)
+    assert "3/3" in out.getvalue() and len(out.getvalue().split("\r")[-1].rstrip()) == 80

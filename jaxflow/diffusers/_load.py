@@ -151,6 +151,16 @@ def load(
     return _load_object(source, dtype, cache)
 
 
+def _dtype_argument(diffusers, dtype) -> dict:
+    """`from_pretrained`'s dtype keyword for the installed diffusers: `dtype=` from
+    0.40 on, where `torch_dtype=` warns (FutureWarning) on every load; `torch_dtype=`
+    before, where `dtype=` is not a keyword (the pin allows diffusers >= 0.32)."""
+    from packaging.version import Version
+
+    accepts_dtype = Version(diffusers.__version__).release >= (0, 40)
+    return {"dtype" if accepts_dtype else "torch_dtype": dtype}
+
+
 def _pipeline_loader(path: pathlib.Path, dtype):
     def loader():
         diffusers = require("diffusers")
@@ -167,7 +177,7 @@ def _pipeline_loader(path: pathlib.Path, dtype):
             if not (isinstance(index.get(name), list) and index[name][0] is not None)
         }
         pipeline = diffusers.DiffusionPipeline.from_pretrained(
-            str(path), **{**absent, "transformer": None}, torch_dtype=text_dtype
+            str(path), **{**absent, "transformer": None}, **_dtype_argument(diffusers, text_dtype)
         )
         # the VAE encodes once and decodes once per image: float32 whatever the
         # transformer's dtype
