@@ -225,18 +225,20 @@ def main(argv=None):
     fig.savefig(rec.png_path(), dpi=110)
     path = rec.write(results)
     print(
-        f"grid {grid}x{grid}: max E_y exact {e_y.max():.4g} at z = "
-        f"{results['E_y_exact_argmax_z'].round(3).tolist()}, finite-difference max {e_fd.max():.4g}"
+        f"E_y = |dG/dz_y| over the {grid}x{grid} grid of z: exact (Jacobian) max {e_y.max():.4g} "
+        f"at z = {results['E_y_exact_argmax_z'].round(3).tolist()}; the paper's forward "
+        f"difference to the next grid point (h = {h:.3g}) max {e_fd.max():.4g}"
     )
     print(
-        f"E_y > 1 on {100 * unstable.mean():.2f}% of the grid; "
+        f"exact E_y > 1 on {100 * unstable.mean():.2f}% of the grid; "
         f"centre E_y = {results['E_y_centre']:.3g}; "
         f"corners {', '.join(f'{k}: {v:.2g}' for k, v in corners.items())}"
     )
     for name in ("n_x", "n_y"):
         c = out_c[name]
         print(
-            f"(c) {name}: max A = {c['A'].max():.3g}, Prop. E.1 condition holds at "
+            f"(c) {name}, |n| = {eps} along z_2 = {y_line:.2f}: max A = {c['A'].max():.3g}, "
+            f"Prop. E.1 condition holds at "
             f"{int(c['condition_holds'].sum())}/{line_points} points, bound respected there: "
             f"{c['bound_respected_where_condition_holds']}"
         )
