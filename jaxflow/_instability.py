@@ -6,9 +6,14 @@ segment bound (Prop. E.1), the amplified-error bound (Prop. 3.1) and the Theorem
 The pointwise measures take `(fn, x, ...)` for any differentiable `fn` (a
 generation map `lambda z: jf.generate(field, z)`, a solver step, a user's map);
 none needs a field. `fn` maps a point `(n,)` to `(n,)` and `x` is finite (else a
-`ValueError`, or under `jit` an error at run time). With
+`ValueError`, or under `jit` an error at run time). The directional measures
+(`intrinsic_instability`, `instability_coefficient`, `instability_lower_bound`)
+return one number per point: with
 `fn = lambda z: jf.generate(field, z, throw=False).value` a point whose solve fails
-gives NaN (its tangent too) instead of an error.
+gives NaN (its tangent too) instead of an error, for a sweep to mark. The dense
+Jacobian routes (`jacobian`, `singular_values`, `log_abs_det_jacobian`,
+`geometric_mean_singular_value`) refuse a map that is NaN or inf at `x` (or whose
+Jacobian is) with an error naming it: NaN is never a singular value.
 """
 
 import math
@@ -31,6 +36,7 @@ from ._misc import (
     check_finite,
     check_map_output,
     check_positive_int,
+    is_concrete,
 )
 from ._results import Outcome
 from ._solve import check_throw, invert
@@ -40,9 +46,54 @@ Map = Callable[[Float[Array, " n"]], Float[Array, " n"]]
 
 def _jacobian(fn, x, where):
     x = as_point("x", x, where)
-    jac = jax.jacfwd(fn)(x)
+
+    def with_value(x):
+        y = fn(x)
+        return y, y
+
+    jac, y = jax.jacfwd(with_value, has_aux=True)(x)
     check_map_output(where, "fn", jac.shape[:-1], x)
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    # NaN from the map is the map's fault: never a Jacobian, singular value or det
+    finite = jnp.all(jnp.isfinite(jac))
+    if not is_concrete(finite):
+        # one check, on J (NaN from the map makes J NaN); a check of fn(x) too would
+        # keep more of the computation alive and cost compile time
+        return eqx.error_if(
+            jac,
+            ~finite,
+            f"{where}: the Jacobian of fn ({name}) is NaN or inf at x: fn is not finite "
+            "there (a division by zero, a log of a non-positive number, a solve that "
+            "failed) or not differentiable there (sqrt or abs at 0, a kink). Check fn "
+            "at that point.",
+        )
+    if not bool(jnp.all(jnp.isfinite(y))):
+        raise ValueError(
+            f"{where}: fn ({name}) returned NaN or inf at x: the map is not finite there "
+            "(a division by zero, a log of a non-positive number, a solve that failed), "
+            "so it has no Jacobian there. Check fn at that point."
+        )
+    if not bool(finite):
+        raise ValueError(
+            f"{where}: the Jacobian of fn ({name}) is NaN or inf at x, though fn is "
+            "finite there: fn is not differentiable there (sqrt or abs at 0, a kink), or "
+            "its derivative overflows. Move the point or smooth the map."
+        )
     return jac
+
+
+def _norm(v):
+    """`|v|`, scaled by `max |v_i|` first, so that it neither under- nor overflows
+    (`|(1e-30, 0)|` is `1e-30` in float32, not `0`)."""
+    m = jnp.max(jnp.abs(v))
+    m = jnp.where(m > 0, m, 1)
+    return m * jnp.linalg.norm(v / m)
+
+
+# The relative accuracy to which `x + n` must carry the perturbation `n`: a smaller
+# `n` is partly (or, below `eps |x| / 2`, wholly) rounded away, and `A_F(x, n)` would
+# be that of another perturbation.
+PERTURBATION_RTOL = 1e-3
 
 
 def jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, "n n"]:
@@ -55,9 +106,10 @@ def jacobian(fn: Map, x: Float[ArrayLike, "..."]) -> Float[Array, "n n"]:
     `J_G` under the error control; a fixed-step solver makes the discrete map,
     differentiated exactly, the object measured.
 
-    **Raises:** `ValueError` when `x` is not one finite point `(n,)` (under `jit`, an
-    error at run time for NaN), or `fn(x)` has not `x`'s shape (as for every measure
-    here: they are of maps `F: R^n -> R^n`).
+    **Raises:** `ValueError` when `x` is not one finite point `(n,)`, `fn(x)` or
+    `J_F(x)` is not finite (under `jit`, errors at run time for these), or `fn(x)`
+    has not `x`'s shape (as for every measure here: they are of maps
+    `F: R^n -> R^n`).
     """
     return _jacobian(fn, x, "jacobian")
 
@@ -99,15 +151,21 @@ def intrinsic_instability(
 ) -> Float[Array, ""]:
     """`E_F(x, u) = |J_F(x) u| / |u|` (paper 000 Def. 2.2, eq. 2): one `jax.jvp`.
 
+    `E` does not depend on `|u|`, so `u` is first scaled to `max |u_i| = 1`: a
+    direction whose norm would under- or overflow in its dtype gives `E`, not NaN.
+
     **Raises:** `ValueError` when `x` is not one finite point, `u` is not a finite
     non-zero vector of its shape (an error at run time under `jit`), or `fn(x)` has
     not `x`'s shape.
     """
     where = "intrinsic_instability"
     x, u = _check_direction(where, x, "direction u", u)
+    # E does not depend on |u|: scaled to max |u_i| = 1, a direction whose norm
+    # under- or overflows (1e-30 in float32) gives E, not NaN
+    u = u / jnp.max(jnp.abs(u))
     ju = jax.jvp(fn, (x,), (u,))[1]
     check_map_output(where, "fn", ju.shape, x)
-    return jnp.linalg.norm(ju) / jnp.linalg.norm(u)
+    return _norm(ju) / _norm(u)
 
 
 def instability_coefficient(
@@ -115,13 +173,39 @@ def instability_coefficient(
 ) -> Float[Array, ""]:
     """`A_F(x, n) = |F(x + n) - F(x)| / |n|` (paper 000 Prop. 2.1, eq. 3).
 
-    **Raises:** as `intrinsic_instability`, for the perturbation `n`.
+    `A` depends on the size of `n`, so `n` is used as given, never rescaled; it must
+    survive the addition `x + n` in `x`'s dtype. Where `|n|` is near `eps |x|` the
+    rounding of `x + n` changes the perturbation (below `eps |x| / 2` it is lost:
+    `x + n == x`), so a perturbation that `x + n` carries to less than a relative
+    `1e-3` is refused, with the smallest usable size `eps |x| / (2e-3)` (`8.4e-5 |x|`
+    in float32, `1.1e-13 |x|` in float64). For the limit of small `n`, use
+    `intrinsic_instability` (`E_F(x, n) = lim A_F(x, h n)` as `h -> 0`).
+
+    **Raises:** as `intrinsic_instability`, for the perturbation `n`, and
+    `ValueError` (under `jit`, an error at run time) for `n` too small for `x`'s
+    dtype at `x`.
     """
     where = "instability_coefficient"
     x, n = _check_direction(where, x, "perturbation n", n)
-    moved, fx = fn(x + n), fn(x)
+    moved = x + n
+    size, lost = _norm(n), _norm((moved - x) - n)
+    eps = float(jnp.finfo(x.dtype).eps)
+    usable = eps * _norm(x) / (2 * PERTURBATION_RTOL)
+    moved = check(
+        moved,
+        ~(lost <= PERTURBATION_RTOL * size),
+        f"{where}: the perturbation n is too small for {x.dtype} at x: x + n rounds it "
+        f"off by more than a relative {PERTURBATION_RTOL:g} (x + n == x for |n| below "
+        "eps |x| / 2), so A_F(x, n) would be that of another perturbation. Pass a larger "
+        "n (the smallest usable size is |n| = eps |x| / 2e-3), x in float64, or use "
+        "intrinsic_instability for the limit of small n.",
+        got=lambda: (
+            f"|n| = {float(size):.2e}; the smallest usable size here is {float(usable):.1e}"
+        ),
+    )
+    fmoved, fx = fn(moved), fn(x)
     check_map_output(where, "fn", jnp.shape(fx), x)
-    return jnp.linalg.norm(moved - fx) / jnp.linalg.norm(n)
+    return _norm(fmoved - fx) / size
 
 
 class SegmentBound(eqx.Module):

@@ -120,3 +120,49 @@ def test_amplified_error_bound_formula():
 def test_zero_direction_rejected(bad):
     with pytest.raises(Exception, match="non-zero"):
         jf.intrinsic_instability(GEN, jnp.zeros(2), bad)
+
+
+# ---- no NaN as a result (issue 26) ----
+
+
+def _nan_map(x):
+    return x / 0 * 0
+
+
+def _bend(x):  # A_F(0, (h, 0)) = 2 + h, A_F((1, 1), (h, 0)) = 4 + h; E_F(0, e_1) = 2
+    return jnp.stack([2 * x[0] + x[0] ** 2, jnp.sin(x[1])])
+
+
+def test_dense_jacobian_routes_refuse_a_nan_map():
+    """Issue 26: `singular_values(lambda x: x / 0 * 0, z)` gave [nan nan]."""
+    z = jnp.array([0.3, -0.2])
+    for measure in (jf.singular_values, jf.jacobian, jf.geometric_mean_singular_value):
+        with pytest.raises(ValueError, match="fn \\(_nan_map\\) returned NaN or inf"):
+            measure(_nan_map, z)
+    with pytest.raises(Exception, match="Jacobian of fn \\(_nan_map\\) is NaN or inf"):
+        jax.jit(lambda z: jf.singular_values(_nan_map, z))(z)
+
+
+def test_a_perturbation_lost_in_x_is_refused():
+    """Issue 26: in float32, `n = (1e-30, 0)` at `x = (1, 1)`: `x + n == x` and `|n|`
+    underflowed, so A was NaN (the true value is 2 + 1e-30). A perturbation too small
+    for the dtype is refused with the smallest usable size."""
+    x = jnp.ones(2, jnp.float32)
+    with pytest.raises(ValueError, match="smallest usable size .* 8\\.4e-05"):
+        jf.instability_coefficient(_bend, x, jnp.array([1e-30, 0.0], jnp.float32))
+    with pytest.raises(Exception, match="smallest usable size"):
+        jax.jit(lambda n: jf.instability_coefficient(_bend, x, n))(jnp.array([1e-30, 0.0]))
+    # at x = 0 the same n is exact, and A = 2 + 1e-30 (|n| must not underflow)
+    a = jf.instability_coefficient(_bend, jnp.zeros(2, jnp.float32), jnp.array([1e-30, 0.0]))
+    np.testing.assert_allclose(a, 2.0, rtol=1e-6)
+    # a usable size at x = (1, 1): 1e-2
+    a = jf.instability_coefficient(_bend, x, jnp.array([1e-2, 0.0], jnp.float32))
+    np.testing.assert_allclose(a, 4.01, rtol=1e-3)
+
+
+def test_intrinsic_instability_of_a_tiny_direction():
+    """E_F(x, u) does not depend on |u| (Def. 2.2): a direction whose norm
+    underflows in float32 gives E, not NaN."""
+    u = jnp.array([1e-30, 0.0], jnp.float32)
+    e = jf.intrinsic_instability(_bend, jnp.zeros(2, jnp.float32), u)
+    np.testing.assert_allclose(e, 2.0, rtol=1e-6)
