@@ -187,6 +187,15 @@ def _copy(run20, tmp_path):
     return directory
 
 
+def _resume(model, data, directory, steps, **changes):
+    """`train` resumed from the `run20` checkpoint in `directory`, with its settings
+    (`_RUN20`) but for `changes`."""
+    settings = dict(_RUN20, **changes)
+    return jf.train(
+        model, _loss, data, steps=steps, checkpoint_dir=directory, progress=False, **settings
+    )
+
+
 # orbax, failing one read, leaves its other reads' coroutines to be reported as
 # unraisable when collected: noise on stderr, not an error that reaches the caller
 _ORBAX_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -303,7 +312,7 @@ def test_no_step_restores_raises_naming_each(setup, run20, tmp_path):
         "step 20: FileNotFoundError.*step 10: JSONDecodeError"
     )
     with pytest.raises(ValueError, match=match):
-        jf.train(model, _loss, data, steps=30, checkpoint_dir=directory, progress=False, **_RUN20)
+        _resume(model, data, directory, 30)
     with pytest.raises(ValueError, match=match):
         jf.load_checkpoint(directory, model)
     assert sorted(os.listdir(directory)) == ["10", "20"]
@@ -333,16 +342,7 @@ def test_a_checkpoint_of_another_model_or_optimiser_raises(setup, run20, change,
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback warning
         with pytest.raises(ValueError, match=match):
-            jf.train(
-                model,
-                _loss,
-                data,
-                steps=30,
-                optimiser=change.get("optimiser"),
-                checkpoint_dir=run20[0],
-                progress=False,
-                **_RUN20,
-            )
+            _resume(model, data, run20[0], 30, optimiser=change.get("optimiser"))
         if "width" in change:
             with pytest.raises(ValueError, match=match):
                 jf.load_checkpoint(run20[0], model)
@@ -365,15 +365,7 @@ def test_a_checkpoint_of_another_batch_size_raises(setup, run20, monkeypatch):
         "not 256: .*Pass batch_size=64, or start in a new checkpoint_dir"
     )
     with pytest.raises(ValueError, match=match):
-        jf.train(
-            model,
-            _loss,
-            data,
-            steps=30,
-            checkpoint_dir=run20[0],
-            progress=False,
-            **dict(_RUN20, batch_size=256),
-        )
+        _resume(model, data, run20[0], 30, batch_size=256)
     assert sorted(os.listdir(run20[0])) == ["10", "20"]
 
 
@@ -392,12 +384,7 @@ def test_a_checkpoint_without_the_batch_size_record_still_resumes(setup, run20, 
             json.dump(config, f)
     _, _, step, config = _no_jaxflow_warning(jf.load_checkpoint, directory, model)
     assert step == 20 and "batch_size" not in config
-    kwargs = dict(_RUN20, batch_size=256)
-    done = _no_jaxflow_warning(
-        lambda: jf.train(
-            model, _loss, data, steps=20, checkpoint_dir=directory, progress=False, **kwargs
-        )
-    )
+    done = _no_jaxflow_warning(lambda: _resume(model, data, directory, 20, batch_size=256))
     assert done.step == 20 and done.losses.shape == (0,)
     _assert_same_state(done.state, run20[2].state)
 
