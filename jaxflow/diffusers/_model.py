@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from .._learned import LearnedField
+from .._misc import check
 from .._paths import RectifiedFlow
 from ..nn import FluxTransformer, SD3Transformer, flux_image_ids
 from ._networks import FluxVelocity, SD3Velocity
@@ -389,19 +390,21 @@ def _one_image(image) -> np.ndarray:
 def _finite(name: str, x: Array) -> Array:
     """`x`, refused where an entry is NaN or infinite: such embeddings make every
     velocity NaN, which an analysis would then blame on the field."""
-    if isinstance(x, jax.core.Tracer):  # a field built under a transformation
-        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} are not all finite.")
-    values = np.asarray(x)
-    bad = ~np.isfinite(values)
-    if bad.any():
+
+    def got():  # where, for the eager error
+        values = np.asarray(x)
+        bad = ~np.isfinite(values)
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{name}: {int(bad.sum())} of {values.size} values are not finite "
-            f"({values[where]} at index {where}); recompute the embeddings (a text "
-            "encoder in float16 can overflow: run it in float32 or bfloat16), or give "
-            "the text (prompt= or negative_prompt=) to encode it here."
-        )
-    return x
+        return f"{int(bad.sum())} of {values.size} values not finite ({values[where]} at {where})"
+
+    return check(
+        x,
+        ~jnp.isfinite(x),
+        f"{name} are not all finite: recompute the embeddings (a text encoder in "
+        "float16 can overflow: run it in float32 or bfloat16), or give the text "
+        "(prompt= or negative_prompt=) to encode it here.",
+        got=got,
+    )
 
 
 def _finite_scalar(name: str, value) -> None:
